@@ -1,0 +1,1 @@
+"""Data: the shard schema, decoding, features, noise, batching and the shared datamodule."""
