@@ -43,11 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from av2av_lightning.data.codecs import decode_audio, encode_audio, encode_video  # noqa: E402
-from av2av_lightning.data.datamodule import AVDataModule  # noqa: E402
-from av2av_lightning.data.features import audio_features  # noqa: E402
-from av2av_lightning.data.pipeline import resolve_shards  # noqa: E402
-from av2av_lightning.data.schema import (  # noqa: E402
+from av2av_lightning.data.codecs import decode_audio, encode_audio, encode_video
+from av2av_lightning.data.datamodule import AVDataModule
+from av2av_lightning.data.features import audio_features
+from av2av_lightning.data.pipeline import resolve_shards
+from av2av_lightning.data.schema import (
     AUDIO_FIELD,
     FACE_FIELD,
     LIP_FIELD,
@@ -57,8 +57,8 @@ from av2av_lightning.data.schema import (  # noqa: E402
     VIDEO_FPS,
     SampleMeta,
 )
-from av2av_lightning.data.shards import sample_record, write_shards  # noqa: E402
-from av2av_lightning.data.transforms import face_transform, lip_transform  # noqa: E402
+from av2av_lightning.data.shards import sample_record, write_shards
+from av2av_lightning.data.transforms import face_transform, lip_transform
 
 TARGET_RTF = 100.0
 
@@ -79,8 +79,15 @@ def _synthetic_record(args: tuple[int, int, int, bool]) -> dict:
     opening = 5 + 12 * np.abs(np.sin(np.arange(frames) / rng.uniform(2, 4)))
     mouth = ((xx - 48) / 24.0) ** 2 + ((yy[None] - 56) / opening[:, None, None]) ** 2 <= 1
     lip = np.clip(np.where(mouth, 50, 150) + texture + rng.normal(0, 4, size=(frames, 96, 96)), 0, 255).astype(np.uint8)
-    meta = SampleMeta(key=f"bench_{index:05d}", split="test", lang="en", speaker=f"spk{index % 20}",
-                      text=f"synthetic utterance {index}", sentence_id=f"s{index}", num_frames=frames)
+    meta = SampleMeta(
+        key=f"bench_{index:05d}",
+        split="test",
+        lang="en",
+        speaker=f"spk{index % 20}",
+        text=f"synthetic utterance {index}",
+        sentence_id=f"s{index}",
+        num_frames=frames,
+    )
     face = None
     if with_face:
         rgb = np.stack([lip, np.clip(lip.astype(int) + 30, 0, 255), np.clip(lip.astype(int) - 20, 0, 255)], -1)
@@ -204,19 +211,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             start = time.perf_counter()
             pattern = write_synthetic_shards(tmp / "shards", args.utterances, args.seed, args.face, os.cpu_count() or 1)
-            print(f"wrote {args.utterances} synthetic utterances of 2-6 s in {time.perf_counter() - start:.1f} s: {pattern}")
+            print(
+                f"wrote {args.utterances} synthetic utterances of 2-6 s in {time.perf_counter() - start:.1f} s: {pattern}"
+            )
         urls = resolve_shards(pattern)
         items = export_per_file(urls, tmp / "files", args.face)
         shard_bytes = sum(os.path.getsize(u) for u in urls)
-        print(f"{len(urls)} shards ({shard_bytes / 2**20:.1f} MiB), {len(items)} utterances, "
-              f"{sum(i['frames'] for i in items) / VIDEO_FPS / 3600:.3f} h; per-file copies in {tmp / 'files'}")
+        print(
+            f"{len(urls)} shards ({shard_bytes / 2**20:.1f} MiB), {len(items)} utterances, "
+            f"{sum(i['frames'] for i in items) / VIDEO_FPS / 3600:.3f} h; per-file copies in {tmp / 'files'}"
+        )
 
         workers = max(args.workers, 0)
         per = max(workers, 1)
-        dm = AVDataModule(test_shards=pattern, max_frames=args.max_frames, num_workers=workers, load_face=args.face,
-                          require_text=False, pin_memory=False)
-        baseline = DataLoader(PerFileDataset(items, args.face), batch_size=args.batch_size, num_workers=workers,
-                              collate_fn=pad_collate)
+        dm = AVDataModule(
+            test_shards=pattern,
+            max_frames=args.max_frames,
+            num_workers=workers,
+            load_face=args.face,
+            require_text=False,
+            pin_memory=False,
+        )
+        baseline = DataLoader(
+            PerFileDataset(items, args.face), batch_size=args.batch_size, num_workers=workers, collate_fn=pad_collate
+        )
         results = {}
         for name, make, lengths_of in (
             ("pipeline (shards)", dm.test_dataloader, lambda b: b.lengths),
@@ -227,13 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                 speech, wall = time_loader(make(), lengths_of)
                 best = wall if best is None else min(best, wall)
             results[name] = speech / best / per
-            print(f"{name:20s}: {speech:8.1f} s of speech in {best:6.2f} s with {workers} worker(s) "
-                  f"-> {speech / best:7.1f}x real time, {results[name]:7.1f}x per worker")
+            print(
+                f"{name:20s}: {speech:8.1f} s of speech in {best:6.2f} s with {workers} worker(s) "
+                f"-> {speech / best:7.1f}x real time, {results[name]:7.1f}x per worker"
+            )
         ratio = results["pipeline (shards)"] / results["per-file baseline"]
         met = results["pipeline (shards)"] >= TARGET_RTF
         print(f"ratio pipeline / per-file: {ratio:.2f}")
-        print(f"target >= {TARGET_RTF:.0f}x real time per worker: {'met' if met else 'NOT met'} "
-              f"({results['pipeline (shards)']:.1f}x)")
+        print(
+            f"target >= {TARGET_RTF:.0f}x real time per worker: {'met' if met else 'NOT met'} "
+            f"({results['pipeline (shards)']:.1f}x)"
+        )
         if dm.skipped:
             print(f"skipped samples: {dict(dm.skipped)}")
         return 0

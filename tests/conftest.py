@@ -67,9 +67,14 @@ def build_record(
 ) -> tuple[dict, SampleMeta]:
     """One shard record; ``corrupt`` in {truncated_flac, bad_mp4, missing_lip, length_mismatch, nan_audio, empty_text}."""
     meta = SampleMeta(
-        key=key, split="train", lang=lang, speaker=f"spk{int(rng.integers(0, 4))}",
-        text="" if corrupt == "empty_text" else (text or f"utterance {key}"), sentence_id=key,
-        num_frames=frames, kind=kind,
+        key=key,
+        split="train",
+        lang=lang,
+        speaker=f"spk{int(rng.integers(0, 4))}",
+        text="" if corrupt == "empty_text" else (text or f"utterance {key}"),
+        sentence_id=key,
+        num_frames=frames,
+        kind=kind,
     )
     wave = synthetic_audio(frames + (5 if corrupt == "length_mismatch" else 0), rng)
     audio = encode_audio(wave)
@@ -105,8 +110,13 @@ def write_set(
     for index, frames in enumerate(lengths):
         key = f"{prefix}_{index:04d}"
         record, meta = build_record(
-            key, int(frames), rng, lang=langs[index % len(langs)], kind=kinds[index % len(kinds)],
-            face=face, corrupt=(corrupt or {}).get(index),
+            key,
+            int(frames),
+            rng,
+            lang=langs[index % len(langs)],
+            kind=kinds[index % len(kinds)],
+            face=face,
+            corrupt=(corrupt or {}).get(index),
         )
         records.append(record)
         metas[key] = meta

@@ -53,7 +53,7 @@ def test_batch_shapes_dtypes_and_masks(av_shards):
         b, t = batch.audio.shape[:2]
         assert batch.audio.shape == (b, t, 104) and batch.audio.dtype == torch.float32
         assert batch.video.shape == (b, 1, t, 88, 88) and batch.video.dtype == torch.float32
-        assert batch.face.shape == (b, t, 3, 96, 96) and 0 <= batch.face.min() and batch.face.max() <= 1
+        assert batch.face.shape == (b, t, 3, 96, 96) and batch.face.min() >= 0 and batch.face.max() <= 1
         assert batch.lengths.dtype == torch.long and batch.padding_mask.dtype == torch.bool
         assert batch.padding_mask.shape == (b, t) and int(batch.lengths.max()) == t
         assert batch.wave.shape == (b, t * SAMPLES_PER_FRAME) and batch.wave.dtype == torch.float32
@@ -107,8 +107,15 @@ def test_pack_by_budget_and_long_samples():
 def test_max_sample_frames_crops_all_streams(av_shards, tmp_path):
     path = write_sidecar(tmp_path / "km", "km", 100, av_shards.lengths)
     for train in (False, True):
-        dataset = AVShardDataset(av_shards.pattern, train=train, max_frames=BUDGET, max_sample_frames=12,
-                                 batches_per_epoch=4, sidecars={"km": path}, buffer_size=20)
+        dataset = AVShardDataset(
+            av_shards.pattern,
+            train=train,
+            max_frames=BUDGET,
+            max_sample_frames=12,
+            batches_per_epoch=4,
+            sidecars={"km": path},
+            buffer_size=20,
+        )
         for batch in dataset:
             assert int(batch.lengths.max()) <= 12 and batch.wave.shape[1] == 12 * SAMPLES_PER_FRAME
             labels = batch.labels["km"]
@@ -194,8 +201,14 @@ def test_sidecar_join_25_and_100_hz(av_shards, tmp_path):
 
 
 def test_train_epoch_has_fixed_length_on_every_rank(av_shards):
-    dm = AVDataModule(train_shards=av_shards.pattern, max_frames=BUDGET, train_batches_per_epoch=5,
-                      num_workers=2, buffer_size=8, seed=3)
+    dm = AVDataModule(
+        train_shards=av_shards.pattern,
+        max_frames=BUDGET,
+        train_batches_per_epoch=5,
+        num_workers=2,
+        buffer_size=8,
+        seed=3,
+    )
     dm.setup("fit")
     seen = {}
     for rank in (0, 1):
@@ -241,15 +254,28 @@ def test_evaluation_reads_every_sample_once_over_ranks_and_workers(av_shards, nu
 
 
 def test_corrupt_samples_are_skipped_and_counted(shard_writer):
-    corrupt = {1: "truncated_flac", 3: "bad_mp4", 5: "missing_lip", 7: "length_mismatch", 9: "nan_audio", 10: "empty_text"}
+    corrupt = {
+        1: "truncated_flac",
+        3: "bad_mp4",
+        5: "missing_lip",
+        7: "length_mismatch",
+        9: "nan_audio",
+        10: "empty_text",
+    }
     shards = shard_writer([10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32], per_shard=3, face=False, corrupt=corrupt)
     dm = AVDataModule(val_shards=shards.pattern, test_shards=shards.pattern, max_frames=BUDGET, num_workers=2)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     clean = [k for i, k in enumerate(shards.keys) if i not in corrupt]
     assert sorted(keys_of(batches)) == sorted(clean)
-    expected = {"undecodable audio": 1, "undecodable video": 1, "missing field": 1, "length mismatch": 1,
-                "non-finite audio": 1, "empty transcript": 1}
+    expected = {
+        "undecodable audio": 1,
+        "undecodable video": 1,
+        "missing field": 1,
+        "length mismatch": 1,
+        "non-finite audio": 1,
+        "empty transcript": 1,
+    }
     assert dict(dm.skipped) == expected
     assert sum(b.num_skipped for b in batches) == 6
     # Face video required but absent: every sample is a missing field, nothing crashes.
@@ -276,10 +302,18 @@ def test_skip_counts_reach_the_datamodule_in_a_trainer(shard_writer):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = AVDataModule(train_shards=shards.pattern, max_frames=40, train_batches_per_epoch=3, num_workers=0, buffer_size=4)
+    dm = AVDataModule(
+        train_shards=shards.pattern, max_frames=40, train_batches_per_epoch=3, num_workers=0, buffer_size=4
+    )
     probe = Probe()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(probe, dm)
     assert probe.batches == 6 and dm.skipped["undecodable video"] >= 1
 

@@ -38,8 +38,10 @@ from av2av_lightning.data.transforms import (
 def speechy(frames: int, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     t = np.arange(frames * SAMPLES_PER_FRAME) / SAMPLE_RATE
-    wave = sum(np.sin(2 * np.pi * rng.uniform(100, 4000) * t) * (1 + np.sin(2 * np.pi * rng.uniform(1, 5) * t))
-               for _ in range(4))
+    wave = sum(
+        np.sin(2 * np.pi * rng.uniform(100, 4000) * t) * (1 + np.sin(2 * np.pi * rng.uniform(1, 5) * t))
+        for _ in range(4)
+    )
     return torch.from_numpy((0.05 * wave + 0.01 * rng.standard_normal(len(t))).astype(np.float32))
 
 
@@ -106,8 +108,9 @@ def test_mel_filterbank_helper():
     mel = log_mel_spectrogram(speechy(25), n_fft=1024, hop_length=160, n_mels=80)
     assert mel.shape == (101, 80) and torch.isfinite(mel).all()
     assert log_mel_spectrogram(torch.stack([speechy(25), speechy(25, 1)]), n_mels=40).shape[::2] == (2, 40)
-    torch.testing.assert_close(mel_to_hz(hz_to_mel(torch.tensor([440.0, 3000.0]), "slaney"), "slaney").float(),
-                               torch.tensor([440.0, 3000.0]))
+    torch.testing.assert_close(
+        mel_to_hz(hz_to_mel(torch.tensor([440.0, 3000.0]), "slaney"), "slaney").float(), torch.tensor([440.0, 3000.0])
+    )
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -132,8 +135,9 @@ def test_flip_only_in_training():
     assert 60 < sum(flipped) < 140  # p = 0.5
     # Random offsets within the 8-pixel margin: read them off a frame whose pixel = row * 96 + col.
     positions = torch.arange(96 * 96, dtype=torch.int32).reshape(1, 96, 96)
-    corners = [int(crop_lip(positions, train=True, rng=np.random.default_rng(s), flip_prob=0.0)[0, 0, 0])
-               for s in range(30)]
+    corners = [
+        int(crop_lip(positions, train=True, rng=np.random.default_rng(s), flip_prob=0.0)[0, 0, 0]) for s in range(30)
+    ]
     offsets = {divmod(c, 96) for c in corners}
     assert len(offsets) > 5 and all(0 <= top <= 8 and 0 <= left <= 8 for top, left in offsets)
     clip = np.random.default_rng(3).integers(0, 256, size=(4, 96, 96), dtype=np.uint8)
@@ -155,7 +159,7 @@ def test_face_transform():
     face = np.random.default_rng(0).integers(0, 256, size=(4, 96, 96, 3), dtype=np.uint8)
     out = face_transform(face)
     assert out.shape == (4, 3, 96, 96) and out.dtype == torch.float32
-    assert 0 <= out.min() and out.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1
     torch.testing.assert_close(out[2, 1], torch.from_numpy(face[2, :, :, 1]).float() / 255)
 
 

@@ -113,7 +113,7 @@ class AVBatch:
         """Valid (unpadded) frames in the batch."""
         return int(self.lengths.sum())
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "AVBatch":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AVBatch:
         changes = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -123,11 +123,11 @@ class AVBatch:
                 changes[f.name] = {k: fn(v) for k, v in value.items()}
         return replace(self, **changes)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "AVBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> AVBatch:
         """A copy with every tensor on ``device`` (lists and metadata shared)."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "AVBatch":
+    def pin_memory(self) -> AVBatch:
         """Called by the DataLoader's pin-memory thread (``pin_memory=True``)."""
         return self._map(lambda t: t.pin_memory())
 
@@ -254,4 +254,3 @@ def collate(
         num_skipped=sum(skipped.values()),
         skipped=skipped,
     )
-

@@ -10,9 +10,9 @@ import io
 from fractions import Fraction
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
 import soundfile as sf
+from av.video.reformatter import VideoReformatter
 from scipy.signal import resample_poly
 
 from av2av_lightning.data.schema import SAMPLE_RATE, VIDEO_FPS
@@ -88,7 +88,9 @@ def decode_video(data: bytes, name: str = "<video>", gray: bool = True) -> np.nd
             stream.thread_count = 1
             reformatter = VideoReformatter()
             pixel_format = "gray" if gray else "rgb24"
-            frames = [reformatter.reformat(frame, format=pixel_format).to_ndarray() for frame in container.decode(stream)]
+            frames = [
+                reformatter.reformat(frame, format=pixel_format).to_ndarray() for frame in container.decode(stream)
+            ]
     except CorruptSampleError:
         raise
     except Exception as err:  # PyAV raises FFmpeg errors of many kinds for broken data

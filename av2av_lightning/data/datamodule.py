@@ -56,8 +56,14 @@ class AVDataLoader(DataLoader):
     a pass counter), so worker processes re-created every epoch draw new random streams.
     """
 
-    def __init__(self, dataset: AVShardDataset, *args, counter: Counter | None = None,
-                 epoch_source: Callable[[], int | None] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        dataset: AVShardDataset,
+        *args,
+        counter: Counter | None = None,
+        epoch_source: Callable[[], int | None] | None = None,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("batch_size", None)
         super().__init__(dataset, *args, **kwargs)
         self.counter = counter if counter is not None else Counter()
@@ -137,8 +143,12 @@ class AVDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(logger=False)
-        self.shards = {"train": train_shards, "val": val_shards, "test": test_shards,
-                       "predict": predict_shards if predict_shards is not None else test_shards}
+        self.shards = {
+            "train": train_shards,
+            "val": val_shards,
+            "test": test_shards,
+            "predict": predict_shards if predict_shards is not None else test_shards,
+        }
         self.sidecars = dict(sidecars or {})
         self.max_frames = max_frames
         self.max_sample_frames = max_sample_frames

@@ -87,7 +87,9 @@ def mel_to_hz(mel: torch.Tensor | float, scale: str = "htk") -> torch.Tensor:
 def _filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float, f_max: float, scale: str, norm: str | None):
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= {sample_rate / 2}, got f_min={f_min}, f_max={f_max}")
-    mel_points = torch.linspace(float(hz_to_mel(f_min, scale)), float(hz_to_mel(f_max, scale)), n_mels + 2, dtype=torch.float64)
+    mel_points = torch.linspace(
+        float(hz_to_mel(f_min, scale)), float(hz_to_mel(f_max, scale)), n_mels + 2, dtype=torch.float64
+    )
     hz_points = mel_to_hz(mel_points, scale)
     bins = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft
     lower, centre, upper = hz_points[:-2, None], hz_points[1:-1, None], hz_points[2:, None]

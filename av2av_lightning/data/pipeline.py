@@ -44,6 +44,7 @@ depends on the order a worker reads samples).
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import math
 import os
@@ -133,7 +134,7 @@ def resolve_shards(spec: str | Path | Sequence[str | Path] | None) -> list[str]:
             if _is_remote(item):
                 found_here.append(item)
                 continue
-            path = item[len("file:"):] if item.startswith("file:") else item
+            path = item[len("file:") :] if item.startswith("file:") else item
             if os.path.isdir(path):
                 tars = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
                 if not tars:
@@ -175,9 +176,6 @@ def split_for_worker(num_shards: int, global_worker: int, global_workers: int) -
     plan = [(s, 0, 1) for s in range(global_worker, whole, global_workers)]
     plan += [(s, global_worker, global_workers) for s in range(whole, num_shards)]
     return plan
-
-
-# ---------------------------------------------------------------------------- video decoding
 
 
 # ---------------------------------------------------------------------------- the dataset
@@ -276,7 +274,8 @@ class AVShardDataset(IterableDataset):
         self.kinds = set(kinds) if kinds else None
         self.languages = set(languages) if languages else None
         self.sidecars: dict[str, Sidecar] = {
-            name: value if isinstance(value, Sidecar) else Sidecar.load(value) for name, value in (sidecars or {}).items()
+            name: value if isinstance(value, Sidecar) else Sidecar.load(value)
+            for name, value in (sidecars or {}).items()
         }
         # Validate the noise options now (the augmenter itself is built per worker and epoch).
         NoiseAugmenter(noise_prob, noise_snr_db, noise_types, noise_talkers)
@@ -337,12 +336,8 @@ class AVShardDataset(IterableDataset):
             wanted = self.worker_batches(worker, num_workers)
             if wanted == 0:
                 return
-            produced = 0
-            for batch in self._batches(self._interleaved(self._resampled_urls(state), state), state):
-                yield batch
-                produced += 1
-                if produced >= wanted:
-                    return
+            batches = self._batches(self._interleaved(self._resampled_urls(state), state), state)
+            yield from itertools.islice(batches, wanted)
         else:
             plan = split_for_worker(len(self.urls), rank * num_workers + worker, world * num_workers)
             yield from self._batches(self._planned_samples(plan, state), state)
@@ -351,7 +346,11 @@ class AVShardDataset(IterableDataset):
         if self.noise_prob <= 0.0:
             return None
         return NoiseAugmenter(
-            self.noise_prob, self.noise_snr_db, self.noise_types, self.noise_talkers, seed=np.random.SeedSequence(seed + [1])
+            self.noise_prob,
+            self.noise_snr_db,
+            self.noise_types,
+            self.noise_talkers,
+            seed=np.random.SeedSequence(seed + [1]),
         )
 
     # -- reading shards
@@ -479,7 +478,9 @@ class AVShardDataset(IterableDataset):
                 self._skip(state, SkipReason.UNDECODABLE_FACE, key, shard, str(err))
                 return None
             if abs(len(face) - frames) > tolerance:
-                self._skip(state, SkipReason.LENGTH_MISMATCH, key, shard, f"face video {len(face)} frames, lip {frames}")
+                self._skip(
+                    state, SkipReason.LENGTH_MISMATCH, key, shard, f"face video {len(face)} frames, lip {frames}"
+                )
                 return None
             face = _fit(face, frames, None)
         labels = {}
@@ -590,4 +591,3 @@ def _fit(array: np.ndarray, length: int, pad_value) -> np.ndarray:
     else:
         padding = np.full((length - len(array), *array.shape[1:]), pad_value, dtype=array.dtype)
     return np.concatenate([array, padding])
-

@@ -56,7 +56,7 @@ class SampleMeta:
         return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes | str | dict, source: str = "<metadata>") -> "SampleMeta":
+    def from_json(cls, data: bytes | str | dict, source: str = "<metadata>") -> SampleMeta:
         """Parse and validate; errors name the source and the offending field."""
         try:
             record = data if isinstance(data, dict) else json.loads(data)

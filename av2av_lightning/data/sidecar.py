@@ -119,7 +119,7 @@ class SidecarWriter:
         self._values = []
         return self.path
 
-    def __enter__(self) -> "SidecarWriter":
+    def __enter__(self) -> SidecarWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -130,8 +130,16 @@ class SidecarWriter:
 class Sidecar(Mapping[str, np.ndarray]):
     """Read-only ``key -> array`` view of one or more sidecar files, with ``.name``, ``.rate``, ``.dtype``."""
 
-    def __init__(self, name: str, rate: float | None, dtype: np.dtype, keys: np.ndarray, offsets: np.ndarray,
-                 values: np.ndarray, source: str = "<sidecar>") -> None:
+    def __init__(
+        self,
+        name: str,
+        rate: float | None,
+        dtype: np.dtype,
+        keys: np.ndarray,
+        offsets: np.ndarray,
+        values: np.ndarray,
+        source: str = "<sidecar>",
+    ) -> None:
         self.name = name
         self.rate = rate
         self.dtype = np.dtype(dtype)
@@ -143,7 +151,7 @@ class Sidecar(Mapping[str, np.ndarray]):
             raise ValueError(f"{source}: duplicate keys in sidecar {name}")
 
     @classmethod
-    def load(cls, path: str | Path | Iterable[str | Path]) -> "Sidecar":
+    def load(cls, path: str | Path | Iterable[str | Path]) -> Sidecar:
         """Load a sidecar; a list of paths (same rate and dtype) is merged into one view."""
         if not isinstance(path, (str, Path)):
             parts = [cls.load(p) for p in path]
@@ -166,7 +174,7 @@ class Sidecar(Mapping[str, np.ndarray]):
         return cls(header["name"], header["rate"], np.dtype(header["dtype"]), keys, offsets, values, str(path))
 
     @classmethod
-    def merge(cls, parts: list["Sidecar"]) -> "Sidecar":
+    def merge(cls, parts: list[Sidecar]) -> Sidecar:
         first = parts[0]
         for part in parts[1:]:
             if part.rate != first.rate or part.dtype != first.dtype:
