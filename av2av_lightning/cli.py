@@ -1,0 +1,116 @@
+"""The `av2av` command.
+
+Training stages run through LightningCLI (`av2av fit|validate|test|predict --config ...`),
+so every stage shares one configuration system; data preparation and evaluation are plain
+subcommands. Expected failures (bad paths, bad values) print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+TRAINING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def run_training(argv: list[str]) -> None:
+    """LightningCLI over any LightningModule (class_path in the config) and the shared datamodule."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    from av2av_lightning.data.datamodule import AVDataModule
+
+    LightningCLI(
+        L.LightningModule,
+        AVDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def _corpus_build(args: argparse.Namespace) -> None:
+    from dataclasses import asdict, replace
+
+    from av2av_lightning.data.shards import read_manifest
+    from data_prep.corpus.build import PRESETS, build_corpus, format_stats
+
+    config = PRESETS[args.preset]
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    manifest_path = Path(args.out) / "manifest.json"
+    if manifest_path.exists() and not args.force and read_manifest(manifest_path).get("config") == asdict(config):
+        print(f"{args.out}: corpus '{config.name}' already built with this configuration (--force rebuilds)")
+        manifest = read_manifest(manifest_path)
+    else:
+        manifest = build_corpus(config, args.out, workers=args.workers, progress=not args.quiet)
+    print(format_stats(manifest))
+    if args.plot:
+        _plot(args.out, manifest, args.plot)
+
+
+def _corpus_stats(args: argparse.Namespace) -> None:
+    from av2av_lightning.data.shards import read_manifest
+    from data_prep.corpus.build import format_stats
+
+    manifest = read_manifest(args.corpus)
+    print(json.dumps(manifest, indent=2) if args.json else format_stats(manifest))
+    if args.plot:
+        _plot(Path(args.corpus).parent if Path(args.corpus).is_file() else args.corpus, manifest, args.plot)
+
+
+def _plot(corpus_dir, manifest: dict, png: str) -> None:
+    from evaluation.corpus_report import plot_corpus
+
+    print(f"plot: {plot_corpus(corpus_dir, manifest, png)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="av2av",
+        description="Audio-visual speech to audio-visual speech translation. Training stages: "
+        f"`av2av {{{','.join(TRAINING_SUBCOMMANDS)}}} --config experiments/...yaml` (LightningCLI; --help for each).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in TRAINING_SUBCOMMANDS:
+        commands.add_parser(name, help=f"LightningCLI {name} of a training stage", add_help=False)
+
+    corpus = commands.add_parser("corpus", help="the embedded multilingual audio-visual corpus")
+    corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
+    build = corpus_commands.add_parser("build", help="generate the corpus into WebDataset shards")
+    build.add_argument("--preset", choices=("tiny", "demo"), default="demo")
+    build.add_argument("--out", required=True, help="output folder (shards and manifest.json)")
+    build.add_argument("--workers", type=int, default=2, help="worker processes (one eSpeak each)")
+    build.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    build.add_argument("--force", action="store_true", help="rebuild even if the same corpus exists")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.add_argument("--plot", metavar="PNG", help="also draw durations and one utterance's lips against its sound")
+    build.set_defaults(handler=_corpus_build)
+    stats = corpus_commands.add_parser("stats", help="print a corpus's statistics")
+    stats.add_argument("corpus", help="corpus folder or its manifest.json")
+    stats.add_argument("--json", action="store_true", help="print the whole manifest")
+    stats.add_argument("--plot", metavar="PNG", help="also draw durations and one utterance's lips against its sound")
+    stats.set_defaults(handler=_corpus_stats)
+
+    from data_prep.converters.cli import add_arguments as add_converter_arguments
+
+    add_converter_arguments(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_SUBCOMMANDS:
+        run_training(argv)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (OSError, ValueError) as err:
+        print(f"av2av {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
