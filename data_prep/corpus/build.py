@@ -57,7 +57,7 @@ class CorpusConfig:
 
 PRESETS = {
     "tiny": CorpusConfig("tiny", train_sentences=24, valid_sentences=6, test_sentences=6, max_per_shard=16),
-    "demo": CorpusConfig("demo", train_sentences=1200, valid_sentences=90, test_sentences=90, max_per_shard=250),
+    "demo": CorpusConfig("demo", train_sentences=2000, valid_sentences=100, test_sentences=100, max_per_shard=250),
 }
 
 
