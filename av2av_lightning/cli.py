@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--plot", metavar="PNG", help="also draw durations and one utterance's lips against its sound")
     stats.set_defaults(handler=_corpus_stats)
 
+    from data_prep.clustering.cli import add_arguments as add_cluster_arguments
     from data_prep.converters.cli import add_arguments as add_converter_arguments
 
     add_converter_arguments(commands)
+    add_cluster_arguments(commands)
     return parser
 
 

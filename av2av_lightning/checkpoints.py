@@ -1,0 +1,48 @@
+"""Loading this project's stage checkpoints safely (``weights_only=True``) and checking which stage wrote them.
+
+Every stage records its name in the checkpoint (``checkpoint["av2av_stage"]``), so a later
+stage that is given the wrong file says so in one line instead of failing on key names.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
+
+STAGE_KEY = "av2av_stage"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as plain tensors and containers; never runs code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a loadable checkpoint ({first_line})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint (a {type(checkpoint).__name__}, expected a dict)")
+    return checkpoint
+
+
+def expect_stage(checkpoint: dict, stage: str, path: str | Path) -> None:
+    found = checkpoint.get(STAGE_KEY)
+    if found != stage:
+        raise ValueError(f"{path}: a checkpoint of stage {found or 'unknown'!r}, expected {stage!r}")
+
+
+def load_avhubert(path: str | Path) -> AVHubert:
+    """The encoder of an `AVHubertPretraining` checkpoint, in eval mode."""
+    checkpoint = load_checkpoint(path)
+    expect_stage(checkpoint, "pretraining", path)
+    model = AVHubert(AVHubertConfig(**checkpoint["encoder_config"]))
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,48 @@
+"""Optimisers and learning-rate schedules shared by the training stages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def polynomial_decay_with_warmup(
+    step: int, warmup_steps: int, total_steps: int, power: float = 1.0, end_factor: float = 0.0
+) -> float:
+    """LR multiplier: linear warm-up from 0 to 1, then polynomial decay to ``end_factor`` at ``total_steps``
+    (the fairseq ``polynomial_decay`` schedule AV-HuBERT pretraining uses)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= total_steps:
+        return end_factor
+    remaining = 1.0 - (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return end_factor + (1.0 - end_factor) * remaining**power
+
+
+def adam_with_schedule(
+    module: nn.Module,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    weight_decay: float = 0.01,
+    power: float = 1.0,
+    end_factor: float = 0.0,
+) -> dict:
+    """Adam with decoupled weight decay (no decay on biases and norms) and a per-step warm-up/decay schedule,
+    in the form ``LightningModule.configure_optimizers`` returns."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or name.endswith(".bias") else decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        eps=eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: polynomial_decay_with_warmup(step, warmup_steps, total_steps, power, end_factor)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,1 @@
+"""AV-HuBERT cluster targets: MFCC / layer features -> k-means -> label sidecars, and unit-quality metrics."""
