@@ -90,3 +90,20 @@ def test_manifest_round_trip(tmp_path):
     assert read_manifest(tmp_path) == {"name": "x"}
     with pytest.raises(FileNotFoundError, match="nowhere: no corpus manifest"):
         read_manifest(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("levels", [np.arange(256), np.random.default_rng(3).integers(0, 256, 256)])
+def test_fast_gray_decoding_equals_swscale(levels):
+    """The luma lookup-table path gives exactly what FFmpeg's own yuv420p -> gray conversion gives."""
+    import io
+
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    frames = np.broadcast_to(levels.astype(np.uint8).reshape(16, 16).repeat(6, 0).repeat(6, 1), (5, 96, 96)).copy()
+    data = encode_video(frames)
+    with av.open(io.BytesIO(data)) as container:
+        reference = np.stack(
+            [VideoReformatter().reformat(f, format="gray").to_ndarray() for f in container.decode(video=0)]
+        )
+    assert np.array_equal(decode_video(data), reference)

@@ -76,6 +76,24 @@ def encode_video(frames: np.ndarray, fps: int = VIDEO_FPS, crf: int = 18) -> byt
     return buffer.getvalue()
 
 
+# limited-range (16..235) luma to full-range gray, rounded as swscale's yuv420p -> gray conversion does
+_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+
+
+def _gray_frame(frame: av.VideoFrame, reformatter: VideoReformatter) -> np.ndarray:
+    """Gray pixels of a frame; for limited-range yuv420p (what `encode_video` writes) the luma plane through a lookup
+    table, identical to swscale's result at a third of the cost."""
+    if frame.format.name != "yuv420p" or frame.color_range == 2:  # 2: full-range (JPEG) luma
+        return reformatter.reformat(frame, format="gray").to_ndarray()
+    plane = frame.planes[0]
+    luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+    return _LIMITED_TO_FULL[luma]
+
+
+def _rgb_frame(frame: av.VideoFrame, reformatter: VideoReformatter) -> np.ndarray:
+    return reformatter.reformat(frame, format="rgb24").to_ndarray()
+
+
 def decode_video(data: bytes, name: str = "<video>", gray: bool = True) -> np.ndarray:
     """MP4 bytes -> uint8 frames [F,H,W] (gray) or [F,H,W,3] (RGB).
 
@@ -89,10 +107,8 @@ def decode_video(data: bytes, name: str = "<video>", gray: bool = True) -> np.nd
             stream = container.streams.video[0]
             stream.thread_count = 1
             reformatter = VideoReformatter()
-            pixel_format = "gray" if gray else "rgb24"
-            frames = [
-                reformatter.reformat(frame, format=pixel_format).to_ndarray() for frame in container.decode(stream)
-            ]
+            convert = _gray_frame if gray else _rgb_frame
+            frames = [convert(frame, reformatter) for frame in container.decode(stream)]
     except CorruptSampleError:
         raise
     except Exception as err:  # PyAV raises FFmpeg errors of many kinds for broken data
