@@ -27,7 +27,7 @@ def run_training(argv: list[str]) -> None:
         L.LightningModule,
         AVDataModule,
         subclass_mode_model=True,
-        args=argv,
+        args=None if argv == sys.argv[1:] else argv,  # LightningCLI warns when given the process's own argv
         save_config_kwargs={"overwrite": True},
     )
 
