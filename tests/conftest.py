@@ -140,3 +140,21 @@ def shard_writer(tmp_path):
         return write_set(tmp_path / f"set{next(counter)}", list(lengths), per_shard, **kwargs)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def cpu_trainer():
+    """``cpu_trainer(**kw) -> L.Trainer`` on the CPU without logger, checkpoints or progress output."""
+    import lightning as L
+
+    def make(**kwargs) -> L.Trainer:
+        quiet = dict(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        return L.Trainer(**{**quiet, **kwargs})
+
+    return make

@@ -283,7 +283,7 @@ def test_corrupt_samples_are_skipped_and_counted(shard_writer):
     assert list(faces) == []
 
 
-def test_skip_counts_reach_the_datamodule_in_a_trainer(shard_writer):
+def test_skip_counts_reach_the_datamodule_in_a_trainer(shard_writer, cpu_trainer):
     import lightning as L
 
     shards = shard_writer([10, 12, 14, 16], per_shard=2, face=False, corrupt={2: "bad_mp4"})
@@ -306,14 +306,7 @@ def test_skip_counts_reach_the_datamodule_in_a_trainer(shard_writer):
         train_shards=shards.pattern, max_frames=40, train_batches_per_epoch=3, num_workers=0, buffer_size=4
     )
     probe = Probe()
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_epochs=2)
     trainer.fit(probe, dm)
     assert probe.batches == 6 and dm.skipped["undecodable video"] >= 1
 

@@ -65,7 +65,7 @@ class LossHistory(L.Callback):
 
 
 @pytest.fixture(scope="module")
-def trained(labelled, tmp_path_factory):
+def trained(labelled, tmp_path_factory, cpu_trainer):
     """A small model trained for 60 steps with modality dropout, and its checkpoint."""
     torch.manual_seed(0)
     module = AVHubertPretraining(
@@ -75,15 +75,7 @@ def trained(labelled, tmp_path_factory):
         total_steps=60,
     )
     history = LossHistory()
-    trainer = L.Trainer(
-        max_epochs=6,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[history],
-        default_root_dir=tmp_path_factory.mktemp("run"),
-    )
+    trainer = cpu_trainer(max_epochs=6, callbacks=[history], default_root_dir=tmp_path_factory.mktemp("run"))
     trainer.fit(module, datamodule=datamodule(labelled))
     checkpoint = Path(trainer.default_root_dir) / "last.ckpt"
     trainer.save_checkpoint(checkpoint)

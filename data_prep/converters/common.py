@@ -9,13 +9,11 @@ the ones that fail, and streams the rest into ``OUT/{subset}/{split}-NNNNNN.tar`
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -27,6 +25,7 @@ from av2av_lightning.data.codecs import encode_audio, encode_video
 from av2av_lightning.data.schema import SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, SampleMeta
 from av2av_lightning.data.shards import sample_record, write_manifest
 from data_prep.converters.media import MediaSource, is_lip_video, load_clip
+from data_prep.parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +120,6 @@ def encode_task(task: SampleTask, face: bool) -> tuple[dict | None, str]:
         return None, str(err)
 
 
-@contextmanager
-def _mapper(workers: int):
-    """``map`` in this process, or an ordered ``imap`` over spawned workers (no forked PyAV/FFmpeg state)."""
-    if workers <= 1:
-        yield map
-        return
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        yield partial(pool.imap, chunksize=2)
-    finally:
-        pool.terminate()
-        pool.join()
-
-
 def select(tasks: Iterable[SampleTask], limit: int | None) -> list[SampleTask]:
     """Tasks in (split, key) order, at most ``limit`` per split; duplicate keys are an error."""
     by_split: dict[str, list[SampleTask]] = defaultdict(list)
@@ -177,7 +162,7 @@ def convert(
     sinks: dict[str, ShardSink] = {}
     samples, seconds, languages = Counter(), Counter(), defaultdict(Counter)
     speakers, vocabulary, keys = set(), defaultdict(set), set()
-    with _mapper(options.workers) as mapper:
+    with ordered_map(options.workers, chunksize=2) as mapper:
         results = mapper(partial(encode_task, face=options.face), tasks)
         for task, (record, reason) in tqdm(
             zip(tasks, results), total=len(tasks), desc=f"convert {name}", unit="clip", disable=not options.progress

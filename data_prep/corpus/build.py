@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import random
 import time
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +34,7 @@ from data_prep.corpus.grammar import SentenceTriple, generate_sentences, split_s
 from data_prep.corpus.speakers import Speaker, make_speakers
 from data_prep.corpus.speech import synthesize
 from data_prep.corpus.visemes import mouth_trajectory
+from data_prep.parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +160,8 @@ def build_corpus(config: CorpusConfig, out_dir: str | Path, workers: int = 2, pr
     words: dict[str, list[dict]] = defaultdict(list)
     seconds: Counter = Counter()
     word_seconds = word_clips.WORD_CLIP_FRAMES * SAMPLES_PER_FRAME / SAMPLE_RATE
-    with _worker_pool(workers) as pool:
-        results = pool.imap(render_utterance, tasks, chunksize=4) if pool else map(render_utterance, tasks)
+    with ordered_map(workers, chunksize=4) as mapper:  # one eSpeak NG per worker process
+        results = mapper(render_utterance, tasks)
         for task, (record, clips, duration) in tqdm(
             zip(tasks, results), total=len(tasks), desc=f"corpus {config.name}", disable=not progress, unit="utt"
         ):
@@ -201,20 +200,6 @@ def build_corpus(config: CorpusConfig, out_dir: str | Path, workers: int = 2, pr
 
 def _lang_of(record: dict) -> str:
     return SampleMeta.from_json(record["json"]).lang
-
-
-@contextmanager
-def _worker_pool(workers: int):
-    """A spawned process pool (eSpeak keeps global state: one instance per process), or None for in-process."""
-    if workers <= 1:
-        yield None
-        return
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-    try:
-        yield pool
-    finally:  # every result has been consumed (or the build failed): stop the workers either way
-        pool.terminate()
-        pool.join()
 
 
 def format_stats(manifest: dict) -> str:
