@@ -277,9 +277,10 @@ def test_suite_synced_over_two_gloo_ranks_equals_one_process(tmp_path):
     ranks = [context.Process(target=_ddp_rank, args=(r, 2, tmp_path / "store", queue)) for r in range(2)]
     for process in ranks:
         process.start()
-    results = dict(queue.get(timeout=60) for _ in ranks)
     for process in ranks:
-        process.join(timeout=30)
+        process.join(timeout=60)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    results = dict(queue.get(timeout=5) for _ in ranks)
     single = build_suite(["asr_bleu", "wer", "psnr"], data_range=255)
     preds, refs = _clips(np.random.default_rng(9), [3, 1, 4, 2, 2])
     single.update(pred_text=HYPS, ref_text=REFS)
@@ -379,6 +380,8 @@ def test_suite_routes_named_inputs_and_transcribes_once(speech):
     assert result["pesq"].item() == pytest.approx(
         np.mean([pesq.pesq(16000, r, d, "wb") for r, d in zip(speech[:2], degraded)])
     )
+    with pytest.raises(ValueError, match="no metric"):
+        suite.update(pred_label=torch.tensor([1]), ref_label=torch.tensor([1]))
     with pytest.raises(ValueError, match="data_range"):
         build_suite(["psnr"])
     with pytest.raises(ValueError, match="unknown"):

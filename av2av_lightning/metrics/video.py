@@ -1,0 +1,104 @@
+"""Frame quality of generated video against the reference video: PSNR and SSIM.
+
+Scored per frame, averaged per clip, then over clips, so a long clip weighs as much as a short one. The data
+range is an explicit argument (255 for uint8 frames, 1.0 for float frames in [0, 1]): guessing it from the
+frames, as some implementations do, changes the score with the content. Clips of different lengths are
+trimmed to the shorter and counted in ``<name>_trimmed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from av2av_lightning.metrics._common import check_pairs, safe_mean
+
+Clip = np.ndarray | torch.Tensor
+
+
+def _frames(clip: Clip) -> torch.Tensor:
+    """``[T, H, W, C]`` or ``[T, H, W]`` (uint8 or float) -> float64 ``[T, C, H, W]``. Float64 because the
+    variances inside SSIM are differences of large means (cancellation in float32, worse under TF32 on GPUs)."""
+    frames = torch.as_tensor(clip)
+    if frames.ndim == 3:
+        frames = frames.unsqueeze(-1)
+    if frames.ndim != 4:
+        raise ValueError(f"expected frames [T, H, W, C] or [T, H, W], got shape {tuple(frames.shape)}")
+    return frames.permute(0, 3, 1, 2).to(torch.float64)
+
+
+class _FrameQuality(Metric):
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    key: str
+    frames_per_chunk = 32  # bounds the memory of one call on long, large clips
+
+    def __init__(self, data_range: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_range = float(data_range)
+        self.add_state("clip_score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("clips", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("trimmed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _per_frame(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scores ``[N]`` of ``N`` frame pairs ``[N, C, H, W]``."""
+        raise NotImplementedError
+
+    def update(self, pred_video: Sequence[Clip], ref_video: Sequence[Clip]) -> None:
+        check_pairs(pred_video, ref_video)
+        for pred, ref in zip(pred_video, ref_video):
+            preds = _frames(pred)
+            target = _frames(ref).to(preds.device)
+            if len(preds) != len(target):
+                self.trimmed += 1
+                length = min(len(preds), len(target))
+                preds, target = preds[:length], target[:length]
+            if len(preds) == 0:
+                raise ValueError("a clip with no frames has no frame quality")
+            scores = [
+                self._per_frame(p, t)
+                for p, t in zip(preds.split(self.frames_per_chunk), target.split(self.frames_per_chunk))
+            ]
+            self.clip_score_sum += torch.cat(scores).mean().to(self.device)
+            self.clips += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {self.key: safe_mean(self.clip_score_sum, self.clips), f"{self.key}_trimmed": self.trimmed}
+
+
+class VideoPSNR(_FrameQuality):
+    """PSNR in dB per frame (infinite for an identical frame, as in scikit-image), mean per clip, mean over clips."""
+
+    key = "psnr"
+
+    def _per_frame(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return peak_signal_noise_ratio(preds, target, data_range=self.data_range, reduction="none", dim=(1, 2, 3))
+
+
+class VideoSSIM(_FrameQuality):
+    """SSIM per frame with an 11x11 Gaussian window (sigma 1.5), averaged over the frame away from a border of
+    half a window, as scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)`` and Wang et al.'s reference code do; torchmetrics' own per-image mean also
+    averages the padded border, which moves the score by ~1e-3 on small frames."""
+
+    key = "ssim"
+    sigma = 1.5
+
+    def _per_frame(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _, ssim_map = structural_similarity_index_measure(
+            preds,
+            target,
+            gaussian_kernel=True,
+            sigma=self.sigma,
+            data_range=self.data_range,
+            reduction="none",
+            return_full_image=True,
+        )
+        border = int(3.5 * self.sigma + 0.5)  # the window's half width, as torchmetrics and scikit-image size it
+        return ssim_map[..., border:-border, border:-border].mean(dim=(1, 2, 3))
