@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_prep.clustering.cli import add_arguments as add_cluster_arguments
     from data_prep.converters.cli import add_arguments as add_converter_arguments
+    from data_prep.vocab import add_arguments as add_vocab_arguments
 
     add_converter_arguments(commands)
     add_cluster_arguments(commands)
+    add_vocab_arguments(commands)
     return parser
 
 

@@ -158,3 +158,23 @@ def cpu_trainer():
         return L.Trainer(**{**quiet, **kwargs})
 
     return make
+
+
+def _tiny_corpus_config():
+    from dataclasses import replace
+
+    from data_prep.corpus.build import PRESETS
+
+    return replace(PRESETS["tiny"], train_sentences=8, valid_sentences=2, test_sentences=2, max_per_shard=8)
+
+
+TINY_CORPUS = _tiny_corpus_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> tuple[Path, dict]:
+    """The embedded corpus at its smallest (8/2/2 sentences x 3 languages, word clips): ``(folder, manifest)``."""
+    from data_prep.corpus.build import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return out, build_corpus(TINY_CORPUS, out, workers=2, progress=False)

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CORPUS as TINY
 
 from av2av_lightning.data.codecs import decode_audio, decode_video
 from av2av_lightning.data.schema import SAMPLES_PER_FRAME, SampleMeta
-from data_prep.corpus.build import PRESETS, build_corpus, format_stats, plan_utterances, render_utterance
+from data_prep.corpus.build import build_corpus, format_stats, plan_utterances, render_utterance
 from data_prep.corpus.word_clips import WORD_CLIP_FRAMES
 from evaluation.corpus_report import audio_envelope, lip_motion, plot_corpus
-
-TINY = replace(PRESETS["tiny"], train_sentences=8, valid_sentences=2, test_sentences=2, max_per_shard=8)
 
 
 def read_samples(paths) -> dict[str, dict]:
@@ -31,9 +30,8 @@ def read_samples(paths) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("corpus")
-    return out, build_corpus(TINY, out, workers=2, progress=False)
+def corpus(tiny_corpus) -> tuple[Path, dict]:
+    return tiny_corpus
 
 
 def split_samples(corpus, subset: str, split: str) -> dict[str, dict]:

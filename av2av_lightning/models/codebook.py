@@ -1,0 +1,42 @@
+"""The modality-invariant codebook of cross-modal mutual learning.
+
+Audio and video features are each expressed as weights over one shared set of K learnable
+basis vectors (``w = softmax(cos(f, B) / t)``) and replaced by their mix ``s = w B``. Because
+both modalities must describe speech with the same basis, the weights of the same word can be
+compared across modalities, and aligned with a KL term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ModalityInvariantCodebook(nn.Module):
+    def __init__(self, dim: int, num_basis: int, temperature: float = 0.1) -> None:
+        super().__init__()
+        if num_basis < 2:
+            raise ValueError(f"a codebook needs at least 2 basis vectors, got {num_basis}")
+        # unit-variance entries: the rebuilt features have the scale of the LayerNorm-ed encoder output they replace
+        self.basis = nn.Parameter(torch.randn(num_basis, dim))
+        self.temperature = temperature
+
+    def log_weights(self, features: Tensor) -> Tensor:
+        """``[..., D] -> [..., K]`` log of the basis weights (log space keeps the KL terms stable)."""
+        similarity = F.normalize(features, dim=-1) @ F.normalize(self.basis, dim=-1).T
+        return F.log_softmax(similarity / self.temperature, dim=-1)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """The features rebuilt from the basis ``s = w B`` and the log weights ``log w``."""
+        log_weights = self.log_weights(features)
+        return log_weights.exp() @ self.basis, log_weights
+
+
+def symmetric_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``KL(p || q) + KL(q || p)`` of distributions given as log probabilities over the last dim, averaged over
+    the positions where ``valid`` is True (all when None)."""
+    per_position = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)  # the two KLs share this form
+    if valid is None:
+        return per_position.mean()
+    return per_position[valid].mean() if valid.any() else per_position.new_zeros(())

@@ -1,0 +1,240 @@
+"""Cross-modal mutual learning: one encoder recognises speech from audio and from lips, and the two agree.
+
+Each batch runs the encoder twice, on audio only and on video only. With a codebook, both
+feature streams are rebuilt from the same K basis vectors (``s = w B``) before the
+recognition head, and the loss adds two symmetric KL terms:
+
+    L = L_cls(a) + L_cls(v) + lambda_l (KL(w^a || w^v) + KL(w^v || w^a)) + lambda_p (KL(d^a || d^v) + KL(d^v || d^a))
+
+where ``w`` are the basis weights per frame and ``d`` the prediction distributions (per clip
+for words, per frame for CTC), all in log space and over valid frames only. Two tasks share
+the module: ``words`` (LRW-style word classification) and ``sentences`` (CTC over a
+sentencepiece vocabulary, scored with WER/CER for audio, video and audio-visual input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from av2av_lightning.checkpoints import STAGE_KEY, load_avhubert
+from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
+from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
+from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
+from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
+from av2av_lightning.optim import adam_with_schedule
+from data_prep.vocab import read_words, word_key
+
+TASKS = ("words", "sentences")
+
+
+class CrossModalMutualLearning(L.LightningModule):
+    """Word classification or CTC recognition from audio and from video with a shared codebook and KL alignment.
+
+    Args:
+        task: ``words`` (needs ``words``, a word list from ``av2av vocab words``) or ``sentences``
+            (needs ``spm_model`` from ``av2av vocab spm``).
+        pretrained: an `AVHubertPretraining` checkpoint to start from; None trains the encoder from scratch
+            (``preset`` and ``encoder`` overrides, as in pretraining).
+        freeze_encoder_steps: keep the encoder fixed for this many steps (the heads settle first).
+        codebook_size: K basis vectors; 0 is the baseline without a codebook (then ``lambda_ling`` must be 0).
+        codebook_temperature: softmax temperature of the basis weights.
+        lambda_ling, lambda_pred: weights of the basis-weight and prediction alignment terms.
+        lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation);
+            not available until the renderer stage exists, so any value but 0 is refused.
+        lr, warmup_steps, total_steps, weight_decay: AdamW with warm-up and linear decay.
+    """
+
+    def __init__(
+        self,
+        task: str = "words",
+        words: str | None = None,
+        spm_model: str | None = None,
+        pretrained: str | None = None,
+        preset: str = "tiny",
+        encoder: dict | None = None,
+        freeze_encoder_steps: int = 0,
+        codebook_size: int = 0,
+        codebook_temperature: float = 0.1,
+        lambda_ling: float = 0.0,
+        lambda_pred: float = 0.0,
+        lambda_rec: float = 0.0,
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if lambda_rec:
+            raise ValueError("lambda_rec needs the renderer stage, which does not exist yet: the + L_rec row is n/a")
+        if lambda_ling and not codebook_size:
+            raise ValueError("lambda_ling aligns codebook weights: set codebook_size > 0")
+        self.encoder = _encoder(pretrained, preset, encoder)
+        dim = self.encoder.config.embed_dim
+        self.codebook = ModalityInvariantCodebook(dim, codebook_size, codebook_temperature) if codebook_size else None
+        if task == "words":
+            if not words:
+                raise ValueError("task 'words' needs a word list (words: path from `av2av vocab words`)")
+            self.words = read_words(words)
+            self.word_ids = {w: i for i, w in enumerate(self.words)}
+            self.head = nn.Linear(dim, len(self.words))
+            self.accuracy = nn.ModuleDict({m: WordAccuracy() for m in ("audio", "video")})
+        else:
+            if not spm_model:
+                raise ValueError("task 'sentences' needs a sentencepiece model (spm_model: from `av2av vocab spm`)")
+            import sentencepiece
+
+            self.pieces = sentencepiece.SentencePieceProcessor(model_file=spm_model)
+            self.blank = self.pieces.get_piece_size()
+            self.head = nn.Linear(dim, self.blank + 1)
+            self.wer = nn.ModuleDict({m: WordErrorRate() for m in ("audio", "video", "av")})
+            self.cer = nn.ModuleDict({m: CharErrorRate() for m in ("audio", "video", "av")})
+
+    # ------------------------------------------------------------------ features
+
+    def features(self, batch: AVBatch, audio: bool, video: bool) -> Tensor:
+        """Encoder output for the chosen inputs (a missing modality is zeros), without masking."""
+        frozen = self.training and self.global_step < self.hparams.freeze_encoder_steps
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            output = self.encoder(
+                batch.audio if audio else None, batch.video if video else None, batch.padding_mask, mask=False
+            )
+        return output.features
+
+    def recognise(self, features: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Log-probabilities of the head (per clip for words, per frame for sentences) and the log basis weights."""
+        log_weights = None
+        if self.codebook is not None:
+            features, log_weights = self.codebook(features)
+        if self.hparams.task == "words":
+            valid = (~padding_mask).unsqueeze(-1).to(features.dtype)
+            features = (features * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        return F.log_softmax(self.head(features).float(), dim=-1), log_weights
+
+    # ------------------------------------------------------------------ losses
+
+    def word_targets(self, batch: AVBatch) -> Tensor:
+        ids = [self.word_ids.get(word_key(m.lang, m.label or ""), IGNORE_INDEX) for m in batch.meta]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def sentence_targets(self, batch: AVBatch) -> tuple[Tensor, Tensor]:
+        pieces = [self.pieces.encode(m.text.lower()) for m in batch.meta]
+        lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+        flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
+        return flat, lengths
+
+    def classification_loss(self, log_probs: Tensor, batch: AVBatch) -> Tensor:
+        if self.hparams.task == "words":
+            return F.nll_loss(log_probs, self.word_targets(batch), ignore_index=IGNORE_INDEX)
+        targets, target_lengths = self.sentence_targets(batch)
+        return F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            batch.lengths.cpu(),
+            target_lengths,
+            blank=self.blank,
+            zero_infinity=True,
+        )
+
+    def mutual_learning_loss(self, batch: AVBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        valid = ~batch.padding_mask
+        log_probs_a, log_weights_a = self.recognise(self.features(batch, True, False), batch.padding_mask)
+        log_probs_v, log_weights_v = self.recognise(self.features(batch, False, True), batch.padding_mask)
+        parts = {
+            "cls_audio": self.classification_loss(log_probs_a, batch),
+            "cls_video": self.classification_loss(log_probs_v, batch),
+        }
+        prediction_valid = None if self.hparams.task == "words" else valid
+        parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid)
+        if self.codebook is not None:
+            parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid)
+        loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]
+        if self.codebook is not None:
+            loss = loss + self.hparams.lambda_ling * parts["ling_align"]
+        return loss, parts
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def training_step(self, batch: AVBatch, batch_idx: int) -> Tensor:
+        loss, parts = self.mutual_learning_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: AVBatch, batch_idx: int) -> None:
+        loss, parts = self.mutual_learning_loss(batch)
+        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in parts.items()}, batch_size=len(batch), sync_dist=True)
+        inputs = {"audio": (True, False), "video": (False, True)}
+        if self.hparams.task == "sentences":
+            inputs["av"] = (True, True)
+        for name, (audio, video) in inputs.items():
+            log_probs, _ = self.recognise(self.features(batch, audio, video), batch.padding_mask)
+            self._score(name, log_probs, batch)
+
+    def _score(self, name: str, log_probs: Tensor, batch: AVBatch) -> None:
+        if self.hparams.task == "words":
+            targets = self.word_targets(batch)
+            known = targets != IGNORE_INDEX
+            if known.any():
+                self.accuracy[name].update(log_probs[known], targets[known])
+            return
+        hypotheses = self.greedy_decode(log_probs, batch.lengths)
+        references = [m.text for m in batch.meta]
+        for metric in (self.wer[name], self.cer[name]):
+            metric.update(references, pred_text=hypotheses)
+
+    def on_validation_epoch_end(self) -> None:
+        """Corpus-level scores (synced over ranks by torchmetrics), logged as ``val/acc_video``, ``val/wer_av``..."""
+        if self.hparams.task == "words":
+            scores = {f"val/acc_{name}": metric.compute()["word_accuracy"] for name, metric in self.accuracy.items()}
+            metrics = list(self.accuracy.values())
+        else:
+            scores = {f"val/wer_{name}": metric.compute()["wer"] for name, metric in self.wer.items()}
+            scores |= {f"val/cer_{name}": metric.compute()["cer"] for name, metric in self.cer.items()}
+            metrics = [*self.wer.values(), *self.cer.values()]
+        self.log_dict({k: v.float() for k, v in scores.items()})
+        for metric in metrics:
+            metric.reset()
+
+    def greedy_decode(self, log_probs: Tensor, lengths: Tensor) -> list[str]:
+        """Best path: argmax per frame, repeats merged, blanks dropped, pieces joined into text."""
+        best = log_probs.argmax(-1).cpu()
+        texts = []
+        for row, length in zip(best, lengths.tolist()):
+            path = torch.unique_consecutive(row[:length]).tolist()
+            texts.append(self.pieces.decode([p for p in path if p != self.blank]))
+        return texts
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STAGE_KEY] = "mutual_learning"
+        checkpoint["encoder_config"] = asdict(self.encoder.config)
+
+    def configure_optimizers(self) -> dict:
+        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
+        return adam_with_schedule(
+            self,
+            lr=self.hparams.lr,
+            total_steps=total,
+            warmup_steps=self.hparams.warmup_steps,
+            weight_decay=self.hparams.weight_decay,
+        )
+
+
+def _encoder(pretrained: str | None, preset: str, overrides: dict | None) -> AVHubert:
+    """The pretrained encoder (or a fresh one), with modality dropout off: each modality is fed on its own."""
+    if pretrained:
+        encoder = load_avhubert(pretrained).train()
+        encoder.config.modality_dropout = 0.0
+        return encoder
+    presets = {"tiny": AVHubertConfig.tiny, "base": AVHubertConfig.base, "large": AVHubertConfig.large}
+    if preset not in presets:
+        raise ValueError(f"unknown AV-HuBERT preset {preset!r}; expected one of {', '.join(presets)}")
+    return AVHubert(presets[preset](**{**(overrides or {}), "modality_dropout": 0.0}))

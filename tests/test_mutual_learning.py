@@ -1,0 +1,152 @@
+"""Cross-modal mutual learning: the codebook, the KL terms, both tasks learning on the tiny corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from av2av_lightning.data.datamodule import AVDataModule
+from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
+from av2av_lightning.mutual_learning import CrossModalMutualLearning
+from data_prep.vocab import count_words, read_words, top_words, train_sentencepiece
+
+SMALL = {"embed_dim": 64, "layers": 2, "ffn_dim": 128, "heads": 2, "resnet_width": 8, "dropout": 0.0}
+
+
+def shards(corpus, subset: str, split: str) -> list[str]:
+    out, manifest = corpus
+    return [str(out / p) for p in manifest["subsets"][subset][split]["shards"]]
+
+
+@pytest.fixture(scope="module")
+def word_list(tiny_corpus, tmp_path_factory):
+    words = top_words(count_words(shards(tiny_corpus, "words", "train")), per_language=10)
+    path = tmp_path_factory.mktemp("vocab") / "words.txt"
+    path.write_text("".join(f"{w}\n" for w in words))
+    return path
+
+
+def test_codebook_weights_are_distributions_over_a_shared_basis():
+    codebook = ModalityInvariantCodebook(dim=16, num_basis=8)
+    features = torch.randn(2, 5, 16)
+    mixed, log_weights = codebook(features)
+    assert mixed.shape == (2, 5, 16) and log_weights.shape == (2, 5, 8)
+    assert torch.allclose(log_weights.exp().sum(-1), torch.ones(2, 5))
+    # the mix lies in the span of the basis: projecting it onto the basis loses nothing
+    solution = torch.linalg.lstsq(codebook.basis.T.detach(), mixed.detach().reshape(-1, 16).T).solution
+    assert torch.allclose(solution.T @ codebook.basis.detach(), mixed.detach().reshape(-1, 16), atol=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        ModalityInvariantCodebook(16, 1)
+
+
+def test_symmetric_kl_is_symmetric_zero_on_equal_and_masked():
+    p, q = torch.randn(3, 4, 6).log_softmax(-1), torch.randn(3, 4, 6).log_softmax(-1)
+    assert torch.allclose(symmetric_kl(p, q), symmetric_kl(q, p))
+    assert symmetric_kl(p, p).abs() < 1e-7 and symmetric_kl(p, q) > 0
+    reference = (p.exp() * (p - q)).sum(-1) + (q.exp() * (q - p)).sum(-1)
+    valid = torch.tensor([[True, True, False, False]] * 3)
+    assert torch.allclose(symmetric_kl(p, q, valid), reference[valid].mean())
+
+
+def test_bad_settings_are_one_line_errors(word_list):
+    with pytest.raises(ValueError, match="renderer stage"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0)
+    with pytest.raises(ValueError, match="codebook_size > 0"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_ling=1.0)
+    with pytest.raises(ValueError, match="needs a word list"):
+        CrossModalMutualLearning(encoder=SMALL)
+    with pytest.raises(ValueError, match="unknown task"):
+        CrossModalMutualLearning(task="phones")
+
+
+def test_word_list_is_per_language_and_read_back(word_list, tmp_path):
+    words = read_words(word_list)
+    assert words == sorted(words) and {w.split("/")[0] for w in words} == {"en", "es", "fr"}
+    (tmp_path / "bad.txt").write_text("dog\n")
+    with pytest.raises(ValueError, match="lang/label"):
+        read_words(tmp_path / "bad.txt")
+
+
+class Losses:
+    """Training losses of a fit, recorded by a callback."""
+
+    def __init__(self):
+        import lightning as L
+
+        history = self.history = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                history.append(float(outputs["loss"]))
+
+        self.callback = Record()
+
+    def fell(self, window: int = 8) -> tuple[float, float]:
+        return sum(self.history[:window]) / window, sum(self.history[-window:]) / window
+
+
+@pytest.mark.slow
+def test_word_classification_learns_with_codebook_and_alignment(tiny_corpus, word_list, cpu_trainer):
+    """Overfitting the training clips: both modalities' losses fall and training accuracy beats chance."""
+    torch.manual_seed(0)
+    train = shards(tiny_corpus, "words", "train")
+    module = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, codebook_size=16, lambda_ling=0.1, lambda_pred=0.1, lr=3e-3,
+        warmup_steps=5, total_steps=80,
+    )  # fmt: skip
+    data = AVDataModule(train_shards=train, val_shards=train, max_frames=29 * 16, train_batches_per_epoch=20,
+                        num_workers=0, seed=0)  # fmt: skip
+    losses = Losses()
+    trainer = cpu_trainer(max_epochs=4, callbacks=[losses.callback])
+    trainer.fit(module, datamodule=data)
+    first, last = losses.fell()
+    assert last < 0.9 * first, (first, last)
+    chance = 1 / len(module.words)
+    assert float(trainer.callback_metrics["val/acc_audio"]) > 2 * chance, trainer.callback_metrics
+    assert "val/ling_align" in trainer.callback_metrics and "val/acc_video" in trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_sentence_ctc_task_learns_and_reports_wer_per_input(tiny_corpus, tmp_path, cpu_trainer):
+    torch.manual_seed(0)
+    train = shards(tiny_corpus, "sentences", "train")
+    model = train_sentencepiece(train, tmp_path / "spm.model", vocab_size=40)
+    module = CrossModalMutualLearning(
+        task="sentences", spm_model=str(model), encoder=SMALL, codebook_size=16, lambda_ling=0.1, lambda_pred=0.1,
+        lr=3e-3, warmup_steps=5, total_steps=60,
+    )  # fmt: skip
+    data = AVDataModule(train_shards=train, val_shards=train, max_frames=400, train_batches_per_epoch=15,
+                        num_workers=0, seed=0)  # fmt: skip
+    losses = Losses()
+    trainer = cpu_trainer(max_epochs=4, callbacks=[losses.callback])
+    trainer.fit(module, datamodule=data)
+    first, last = losses.fell(6)
+    assert last < 0.8 * first, (first, last)
+    for name in ("audio", "video", "av"):
+        assert float(trainer.callback_metrics[f"val/wer_{name}"]) >= 0.0
+        assert float(trainer.callback_metrics[f"val/cer_{name}"]) >= 0.0
+    # best path: repeats merged, blanks dropped, padding ignored
+    a, b = 5, 7
+    path = torch.tensor([a, a, module.blank, b, b, a, a])
+    log_probs = torch.nn.functional.one_hot(path, module.blank + 1).float().log_softmax(-1)[None]
+    assert module.greedy_decode(log_probs, torch.tensor([5])) == [module.pieces.decode([a, b])]
+
+
+@pytest.mark.parametrize("delta", ["baseline", "codebook", "full", "full_rec"])
+def test_ablation_configs_build_the_published_rows(delta, word_list):
+    """Each ablation delta over the tiny config gives the row's module (the + L_rec row is refused, not faked)."""
+    import yaml
+
+    root = Path(__file__).parents[1] / "experiments"
+    base = yaml.safe_load((root / "mutual_learning/tiny_words.yaml").read_text())["model"]["init_args"]
+    row = yaml.safe_load((root / f"ablations/mutual_learning/{delta}.yaml").read_text())["model"]["init_args"]
+    args = {**base, **row, "words": str(word_list), "pretrained": None, "encoder": SMALL}
+    if delta == "full_rec":
+        with pytest.raises(ValueError, match="renderer"):
+            CrossModalMutualLearning(**args)
+        return
+    module = CrossModalMutualLearning(**args)
+    assert (module.codebook is None) == (delta == "baseline")
+    assert module.hparams.lambda_ling == row["lambda_ling"]
