@@ -234,7 +234,4 @@ def _encoder(pretrained: str | None, preset: str, overrides: dict | None) -> AVH
         encoder = load_avhubert(pretrained).train()
         encoder.config.modality_dropout = 0.0
         return encoder
-    presets = {"tiny": AVHubertConfig.tiny, "base": AVHubertConfig.base, "large": AVHubertConfig.large}
-    if preset not in presets:
-        raise ValueError(f"unknown AV-HuBERT preset {preset!r}; expected one of {', '.join(presets)}")
-    return AVHubert(presets[preset](**{**(overrides or {}), "modality_dropout": 0.0}))
+    return AVHubert(AVHubertConfig.preset(preset, **{**(overrides or {}), "modality_dropout": 0.0}))

@@ -59,10 +59,7 @@ class AVHubertPretraining(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        presets = {"tiny": AVHubertConfig.tiny, "base": AVHubertConfig.base, "large": AVHubertConfig.large}
-        if preset not in presets:
-            raise ValueError(f"unknown AV-HuBERT preset {preset!r}; expected one of {', '.join(presets)}")
-        self.config = presets[preset](**(encoder or {}))
+        self.config = AVHubertConfig.preset(preset, **(encoder or {}))
         self.labels = list(labels or ["km"])
         if len(self.labels) != len(self.config.num_classes):
             raise ValueError(

@@ -78,6 +78,14 @@ class AVHubertConfig:
             )
 
     @classmethod
+    def preset(cls, name: str, **overrides) -> AVHubertConfig:
+        """A named size (``tiny``, ``base``, ``large``) with field overrides, as stage configs give it."""
+        builders = {"tiny": cls.tiny, "base": cls.base, "large": cls.large}
+        if name not in builders:
+            raise ValueError(f"unknown AV-HuBERT preset {name!r}; expected one of {', '.join(builders)}")
+        return builders[name](**overrides)
+
+    @classmethod
     def tiny(cls, **overrides) -> AVHubertConfig:
         """Trains on 2 CPU cores in minutes."""
         tiny = cls(
