@@ -9,6 +9,7 @@ Pairs of different lengths are trimmed to the shorter and counted in ``<name>_tr
 from __future__ import annotations
 
 import warnings
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,9 +43,9 @@ class _SpeechQuality(Metric):
         self.add_state("failed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("trimmed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @abstractmethod
     def _score(self, reference: np.ndarray, degraded: np.ndarray) -> float:
         """Score one 16 kHz pair of equal length; raise ``_UnscorableError`` when the measure cannot."""
-        raise NotImplementedError
 
     def update(self, pred_wave: Sequence[Wave], ref_wave: Sequence[Wave]) -> None:
         check_pairs(pred_wave, ref_wave)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,9 +70,9 @@ class _TranscribedText(Metric):
             return
         self._accumulate(hyps, refs)
 
+    @abstractmethod
     def _accumulate(self, hyps: list[str], refs: list[str]) -> None:
         """Add normalised hypothesis/reference pairs to the states."""
-        raise NotImplementedError
 
     def _pairs(
         self,

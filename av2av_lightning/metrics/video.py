@@ -8,6 +8,7 @@ trimmed to the shorter and counted in ``<name>_trimmed``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,9 +47,9 @@ class _FrameQuality(Metric):
         self.add_state("clips", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("trimmed", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @abstractmethod
     def _per_frame(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Scores ``[N]`` of ``N`` frame pairs ``[N, C, H, W]``."""
-        raise NotImplementedError
 
     def update(self, pred_video: Sequence[Clip], ref_video: Sequence[Clip]) -> None:
         check_pairs(pred_video, ref_video)
