@@ -15,6 +15,7 @@ sentencepiece vocabulary, scored with WER/CER for audio, video and audio-visual 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
@@ -56,7 +57,7 @@ class CrossModalMutualLearning(L.LightningModule):
         spm_model: str | None = None,
         pretrained: str | None = None,
         preset: str = "tiny",
-        encoder: dict | None = None,
+        encoder: dict[str, Any] | None = None,
         freeze_encoder_steps: int = 0,
         codebook_size: int = 0,
         codebook_temperature: float = 0.1,

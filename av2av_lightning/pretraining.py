@@ -10,6 +10,7 @@ predicts the label at ``t * rate / 25``.
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
@@ -44,7 +45,7 @@ class AVHubertPretraining(L.LightningModule):
     def __init__(
         self,
         preset: str = "tiny",
-        encoder: dict | None = None,
+        encoder: dict[str, Any] | None = None,
         labels: list[str] | None = None,
         label_rate: float = 100.0,
         masked_weight: float = 1.0,
