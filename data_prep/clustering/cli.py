@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def _splits(items: list[str] | None, train: list[str]) -> dict[str, str | list[str]]:
+def parse_splits(items: list[str] | None, train: list[str]) -> dict[str, str | list[str]]:
     """``--label NAME=PATTERN`` pairs (a repeated name adds patterns); default: the training shards as ``train``."""
     if not items:
         return {"train": train}
@@ -31,7 +31,7 @@ def _mfcc(args: argparse.Namespace) -> None:
     # one utterance's MFCCs are far too small for intra-op threads: with a busy second core they only spin-wait
     # (measured: 155 utterances/s with one thread, 7 with two)
     torch.set_num_threads(1)
-    splits = _splits(args.label, args.shards)
+    splits = parse_splits(args.label, args.shards)
     quantizer, paths = build_targets(
         args.shards,
         splits,
@@ -65,13 +65,13 @@ def _layer(args: argparse.Namespace) -> None:
     from av2av_lightning.checkpoints import load_avhubert
     from data_prep.clustering.kmeans import KMeansQuantizer, build_targets, label_shards, model_layer_source
 
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     source = model_layer_source(
         load_avhubert(args.checkpoint), args.layer, args.checkpoint, args.modality, device=device
     )
     if not args.shards and not args.label:
         raise ValueError("give --shards to fit on, or --quantizer with --label NAME=PATTERN to label")
-    splits = _splits(args.label, args.shards)
+    splits = parse_splits(args.label, args.shards)
     if args.quantizer:
         quantizer = KMeansQuantizer.load(args.quantizer)
         out = Path(args.out)
@@ -91,10 +91,13 @@ def _layer(args: argparse.Namespace) -> None:
         print(f"{path}: {split} labels from {args.modality} input at 25 Hz")
 
 
-def _cuda() -> bool:
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when available, else the CPU; any other name is used as given."""
+    if device != "auto":
+        return device
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _quality(args: argparse.Namespace) -> None:
