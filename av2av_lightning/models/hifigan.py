@@ -1,0 +1,290 @@
+"""Unit HiFi-GAN: discrete 50 Hz speech units plus a speaker embedding in, 16 kHz speech out.
+
+The generator embeds each unit, concatenates a projection of the speaker embedding to every frame, and
+upsamples x320 (``5*4*4*2*2``) through transposed convolutions, each followed by a multi-receptive-field
+fusion of residual blocks (Kong et al. 2020; Polyak et al. 2021 for units). A duration predictor on
+deduplicated units predicts ``log(1 + d)``, so translated units, which arrive deduplicated, get their
+lengths back at inference. The discriminators (multi-period and multi-scale) only serve training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+SAMPLES_PER_UNIT = 320  # 50 Hz units at 16 kHz
+LRELU_SLOPE = 0.1
+
+
+@dataclass
+class UnitHiFiGANConfig:
+    """Generator and duration-predictor sizes; presets ``tiny`` and ``published`` (AV2AV's unit vocoder)."""
+
+    num_units: int = 1000
+    unit_dim: int = 128
+    speaker_dim: int = 256  # input speaker embedding (0: no speaker conditioning)
+    speaker_proj_dim: int = 128
+    initial_channels: int = 512
+    upsample_rates: list[int] = field(default_factory=lambda: [5, 4, 4, 2, 2])
+    upsample_kernels: list[int] = field(default_factory=lambda: [11, 8, 8, 4, 4])
+    resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilations: list[int] = field(default_factory=lambda: [1, 3, 5])
+    duration_hidden: int = 128
+    duration_kernel: int = 3
+    duration_dropout: float = 0.5
+    discriminator_width: float = 1.0  # channel multiplier of both discriminators
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> UnitHiFiGANConfig:
+        if name not in HIFIGAN_PRESETS:
+            raise ValueError(f"unknown unit HiFi-GAN preset {name!r} (use {', '.join(HIFIGAN_PRESETS)})")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown unit HiFi-GAN option(s) {sorted(unknown)}")
+        config = cls(**{**HIFIGAN_PRESETS[name], **overrides})
+        if math.prod(config.upsample_rates) != SAMPLES_PER_UNIT:
+            raise ValueError(f"upsample_rates {config.upsample_rates} must multiply to {SAMPLES_PER_UNIT}")
+        if len(config.upsample_kernels) != len(config.upsample_rates):
+            raise ValueError("upsample_kernels and upsample_rates must have the same length")
+        return config
+
+
+HIFIGAN_PRESETS: dict[str, dict] = {
+    "tiny": {
+        "num_units": 100,
+        "unit_dim": 32,
+        "speaker_dim": 64,
+        "speaker_proj_dim": 16,
+        "initial_channels": 64,
+        "duration_hidden": 32,
+        "discriminator_width": 1 / 16,
+    },
+    "published": {},
+}
+
+
+# ---------------------------------------------------------------------------- durations
+
+
+def deduplicate(units: Tensor) -> tuple[Tensor, Tensor]:
+    """Consecutive repeats removed: ``[T] -> (units [U], durations [U])``."""
+    unique, counts = torch.unique_consecutive(units, return_counts=True)
+    return unique, counts
+
+
+def expand(units: Tensor, durations: Tensor) -> Tensor:
+    """Each unit repeated by its duration: the inverse of `deduplicate`."""
+    return torch.repeat_interleave(units, durations.to(torch.long))
+
+
+def durations_from_log(log_durations: Tensor) -> Tensor:
+    """Frames per unit from predicted ``log(1 + d)``: ``clamp(round(exp(p) - 1), min=1)``."""
+    return torch.clamp(torch.round(torch.exp(log_durations) - 1), min=1).long()
+
+
+class DurationPredictor(nn.Module):
+    """Two (conv -> ReLU -> LayerNorm -> dropout) layers and a linear head: ``[B, U, C] -> log(1 + d) [B, U]``."""
+
+    def __init__(self, in_dim: int, hidden: int, kernel: int, dropout: float) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv1d(in_dim, hidden, kernel, padding=kernel // 2),
+                nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2),
+            ]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(hidden), nn.LayerNorm(hidden)])
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms):
+            x = self.dropout(norm(F.relu(conv(x.transpose(1, 2)).transpose(1, 2))))
+        return self.head(x).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- generator
+
+
+class ResBlock(nn.Module):
+    """Pairs of (dilated conv, plain conv) with LeakyReLU and a residual connection per pair."""
+
+    def __init__(self, channels: int, kernel: int, dilations: list[int]) -> None:
+        super().__init__()
+        self.dilated = nn.ModuleList(
+            [
+                weight_norm(nn.Conv1d(channels, channels, kernel, dilation=d, padding=d * (kernel - 1) // 2))
+                for d in dilations
+            ]
+        )
+        self.plain = nn.ModuleList(
+            [weight_norm(nn.Conv1d(channels, channels, kernel, padding=(kernel - 1) // 2)) for _ in dilations]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for dilated, plain in zip(self.dilated, self.plain):
+            x = x + plain(F.leaky_relu(dilated(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+        return x
+
+
+class HiFiGANGenerator(nn.Module):
+    """Frames ``[B, C_in, T]`` -> wave ``[B, T * prod(upsample_rates)]`` in [-1, 1]."""
+
+    def __init__(self, in_channels: int, config: UnitHiFiGANConfig) -> None:
+        super().__init__()
+        channels = config.initial_channels
+        self.pre = weight_norm(nn.Conv1d(in_channels, channels, 7, padding=3))
+        self.ups = nn.ModuleList()
+        self.mrfs = nn.ModuleList()
+        for rate, kernel in zip(config.upsample_rates, config.upsample_kernels):
+            if (kernel - rate) % 2:
+                raise ValueError(f"upsample kernel {kernel} and rate {rate} must differ by an even number")
+            self.ups.append(
+                weight_norm(nn.ConvTranspose1d(channels, channels // 2, kernel, rate, padding=(kernel - rate) // 2))
+            )
+            channels //= 2
+            self.mrfs.append(
+                nn.ModuleList([ResBlock(channels, k, config.resblock_dilations) for k in config.resblock_kernels])
+            )
+        self.post = weight_norm(nn.Conv1d(channels, 1, 7, padding=3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pre(x)
+        for up, mrf in zip(self.ups, self.mrfs):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = sum(block(x) for block in mrf) / len(mrf)
+        return torch.tanh(self.post(F.leaky_relu(x))).squeeze(1)
+
+
+class UnitHiFiGAN(nn.Module):
+    """Unit embedding + speaker projection -> HiFi-GAN generator; plus the duration predictor.
+
+    ``forward(units [B, T], speaker [B, speaker_dim] or None) -> wave [B, 320 * T]``; padding units
+    (negative ids) become zeros in the output.
+    """
+
+    def __init__(self, config: UnitHiFiGANConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or UnitHiFiGANConfig()
+        self.units = nn.Embedding(c.num_units, c.unit_dim)
+        self.speaker_proj = nn.Linear(c.speaker_dim, c.speaker_proj_dim) if c.speaker_dim else None
+        conditioning = c.speaker_proj_dim if c.speaker_dim else 0
+        self.generator = HiFiGANGenerator(c.unit_dim + conditioning, c)
+        self.duration = DurationPredictor(c.unit_dim, c.duration_hidden, c.duration_kernel, c.duration_dropout)
+
+    def embed_units(self, units: Tensor) -> Tensor:
+        """``[B, T]`` ids -> ``[B, T, unit_dim]``; negative ids (padding) embed as unit 0, out-of-table ids raise."""
+        if units.numel() and int(units.max()) >= self.config.num_units:
+            raise ValueError(
+                f"unit id {int(units.max())} is outside the vocoder's table of {self.config.num_units} units"
+            )
+        return self.units(units.clamp(min=0))
+
+    def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
+        x = self.embed_units(units)
+        if self.speaker_proj is not None:
+            if speaker is None:
+                speaker = x.new_zeros(x.shape[0], self.config.speaker_dim)
+            if speaker.shape != (x.shape[0], self.config.speaker_dim):
+                raise ValueError(
+                    f"speaker embedding must be [{x.shape[0]}, {self.config.speaker_dim}], got {tuple(speaker.shape)}"
+                )
+            x = torch.cat([x, self.speaker_proj(speaker)[:, None].expand(-1, x.shape[1], -1)], dim=-1)
+        wave = self.generator(x.transpose(1, 2))
+        valid = (units >= 0).repeat_interleave(SAMPLES_PER_UNIT, dim=1)
+        return wave * valid.to(wave.dtype)
+
+    def log_durations(self, dedup_units: Tensor) -> Tensor:
+        """Predicted ``log(1 + d)`` ``[B, U]`` for deduplicated units ``[B, U]``."""
+        return self.duration(self.embed_units(dedup_units))
+
+    @torch.no_grad()
+    def synthesize(self, dedup_units: Tensor, speaker: Tensor | None = None, durations: Tensor | None = None) -> Tensor:
+        """One utterance: deduplicated units ``[U]`` -> wave ``[320 * sum(durations)]`` (predicted when not given)."""
+        if durations is None:
+            durations = durations_from_log(self.log_durations(dedup_units[None])[0])
+        units = expand(dedup_units, durations)
+        return self(units[None], None if speaker is None else speaker[None])[0]
+
+
+# ---------------------------------------------------------------------------- discriminators
+
+
+def _width(channels: int, factor: float) -> int:
+    return max(4, int(round(channels * factor)))
+
+
+class PeriodDiscriminator(nn.Module):
+    """The wave folded into ``[T / p, p]`` and judged by 2D convolutions along time (one period ``p``)."""
+
+    def __init__(self, period: int, width: float) -> None:
+        super().__init__()
+        self.period = period
+        sizes = [1] + [_width(c, width) for c in (32, 128, 512, 1024, 1024)]
+        self.convs = nn.ModuleList(
+            weight_norm(nn.Conv2d(cin, cout, (5, 1), (3 if i < 4 else 1, 1), padding=(2, 0)))
+            for i, (cin, cout) in enumerate(zip(sizes[:-1], sizes[1:]))
+        )
+        self.post = weight_norm(nn.Conv2d(sizes[-1], 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, wave: Tensor) -> tuple[Tensor, list[Tensor]]:
+        pad = (-wave.shape[-1]) % self.period
+        x = F.pad(wave[:, None], (0, pad), mode="reflect" if pad < wave.shape[-1] else "constant")
+        x = x.view(x.shape[0], 1, -1, self.period)
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            features.append(x)
+        x = self.post(x)
+        features.append(x)
+        return x.flatten(1), features
+
+
+class ScaleDiscriminator(nn.Module):
+    """Grouped 1D convolutions over the wave at one resolution."""
+
+    def __init__(self, width: float) -> None:
+        super().__init__()
+        layers = [(1, 128, 15, 1, 1), (128, 128, 41, 2, 4), (128, 256, 41, 2, 16), (256, 512, 41, 4, 16)]
+        layers += [(512, 1024, 41, 4, 16), (1024, 1024, 41, 1, 16), (1024, 1024, 5, 1, 1)]
+        self.convs = nn.ModuleList()
+        for cin, cout, kernel, stride, groups in layers:
+            cin_w, cout_w = (1 if cin == 1 else _width(cin, width)), _width(cout, width)
+            groups = math.gcd(groups, math.gcd(cin_w, cout_w))
+            self.convs.append(weight_norm(nn.Conv1d(cin_w, cout_w, kernel, stride, padding=kernel // 2, groups=groups)))
+        self.post = weight_norm(nn.Conv1d(_width(1024, width), 1, 3, padding=1))
+
+    def forward(self, wave: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x = wave[:, None]
+        features = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            features.append(x)
+        x = self.post(x)
+        features.append(x)
+        return x.flatten(1), features
+
+
+class HiFiGANDiscriminator(nn.Module):
+    """Multi-period (2, 3, 5, 7, 11) and multi-scale (the wave, then average-pooled x2 and x4) discriminators together.
+
+    ``forward(wave [B, S]) -> (scores, features)``: one score map and one feature-map list per sub-discriminator.
+    """
+
+    def __init__(self, width: float = 1.0, periods: tuple[int, ...] = (2, 3, 5, 7, 11), scales: int = 3) -> None:
+        super().__init__()
+        self.periods = nn.ModuleList(PeriodDiscriminator(p, width) for p in periods)
+        self.scales = nn.ModuleList(ScaleDiscriminator(width) for _ in range(scales))
+
+    def forward(self, wave: Tensor) -> tuple[list[Tensor], list[list[Tensor]]]:
+        outputs = [d(wave) for d in self.periods]
+        for index, d in enumerate(self.scales):
+            if index:  # each further scale halves the rate again
+                wave = F.avg_pool1d(wave[:, None], 4, 2, padding=2).squeeze(1)
+            outputs.append(d(wave))
+        return [score for score, _ in outputs], [features for _, features in outputs]

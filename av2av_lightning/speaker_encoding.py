@@ -1,0 +1,198 @@
+"""Speaker encoder training with the GE2E softmax loss, validated by the equal error rate on unseen speakers.
+
+GE2E needs batches of N speakers x M utterances, but the shared datamodule yields frame-budget batches of
+whatever utterances come along. `SpeakerEncoderTraining` therefore keeps a small bank of recent Mel
+spectrograms per speaker (inputs, not embeddings: every step re-encodes them with the current weights) and
+draws each GE2E batch from it; a step is skipped until at least two speakers have M utterances banked.
+The bank is not saved in checkpoints, so a resumed run refills it first.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from sklearn.metrics import roc_curve
+from torch import Tensor, nn
+
+from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.data.batching import AVBatch
+from av2av_lightning.models.speaker_encoder import SpeakerEncoder, SpeakerEncoderConfig, speaker_mels
+from av2av_lightning.optim import adam_with_schedule
+
+STAGE = "speaker_encoder"
+
+
+def ge2e_similarity(embeddings: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Scaled cosine similarities ``[N, M, N]`` of each utterance ``[N, M, D]`` to each speaker centroid.
+
+    An utterance is compared with its own speaker's centroid computed *without* it (Wan et al. 2018, eq. 8).
+    """
+    n, m, _ = embeddings.shape
+    if m < 2:
+        raise ValueError(f"GE2E needs at least 2 utterances per speaker, got {m}")
+    centroids = embeddings.mean(1)
+    exclusive = (embeddings.sum(1, keepdim=True) - embeddings) / (m - 1)
+    to_centroids = F.cosine_similarity(embeddings[:, :, None], centroids[None, None], dim=-1, eps=1e-8)
+    to_own = F.cosine_similarity(embeddings, exclusive, dim=-1, eps=1e-8)
+    own = torch.eye(n, dtype=torch.bool, device=embeddings.device)[:, None, :]
+    return w * torch.where(own, to_own[..., None], to_centroids) + b
+
+
+def ge2e_loss(similarity: Tensor) -> Tensor:
+    """GE2E softmax loss: mean over utterances of ``-S[j,i,j] + log sum_k exp S[j,i,k]``."""
+    n, m, _ = similarity.shape
+    target = torch.arange(n, device=similarity.device).repeat_interleave(m)
+    return F.cross_entropy(similarity.reshape(n * m, n), target)
+
+
+def equal_error_rate(scores: np.ndarray, same: np.ndarray) -> float:
+    """The operating point where false acceptances equal false rejections (interpolated at the ROC crossing)."""
+    same = np.asarray(same, dtype=bool)
+    if same.all() or not same.any():
+        raise ValueError("the equal error rate needs both same-speaker and different-speaker pairs")
+    fpr, tpr, _ = roc_curve(same, scores)
+    fnr = 1.0 - tpr
+    i = int(np.argmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2)
+
+
+def pairwise_eer(embeddings: Tensor, speakers: list[str]) -> float:
+    """EER over all utterance pairs, scored by cosine similarity of their embeddings."""
+    embeddings = F.normalize(embeddings.double(), dim=-1)
+    first, second = torch.triu_indices(len(speakers), len(speakers), offset=1)
+    scores = (embeddings[first] * embeddings[second]).sum(-1).numpy()
+    ids = np.array(speakers)
+    return equal_error_rate(scores, ids[first.numpy()] == ids[second.numpy()])
+
+
+class SpeakerEncoderTraining(L.LightningModule):
+    """GE2E training of `SpeakerEncoder` over the shared datamodule's batches.
+
+    Args:
+        preset: ``tiny`` or ``published`` (`SpeakerEncoderConfig.preset`).
+        encoder: overrides of preset fields.
+        speakers_per_batch, utterances_per_speaker: N and M of a GE2E batch (fewer speakers while the bank fills).
+        bank_size: Mel spectrograms kept per speaker.
+        train_frames: length of the random crop of every utterance in a GE2E batch (cut to the shortest
+            banked utterance of the batch when that is shorter).
+        init_w, init_b: initial scale and offset of the similarity (the paper's 10 and -5).
+        lr, warmup_steps, total_steps, weight_decay: AdamW with warm-up and polynomial decay (`optim.py`).
+        seed: the bank's sampling seed.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        encoder: dict[str, Any] | None = None,
+        speakers_per_batch: int = 8,
+        utterances_per_speaker: int = 4,
+        bank_size: int = 16,
+        train_frames: int = 160,
+        init_w: float = 10.0,
+        init_b: float = -5.0,
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if speakers_per_batch < 2 or utterances_per_speaker < 2:
+            raise ValueError(
+                f"GE2E needs >= 2 speakers x >= 2 utterances, got {speakers_per_batch} x {utterances_per_speaker}"
+            )
+        if bank_size < utterances_per_speaker:
+            raise ValueError(f"bank_size {bank_size} is smaller than utterances_per_speaker {utterances_per_speaker}")
+        self.save_hyperparameters()
+        self.config = SpeakerEncoderConfig.preset(preset, **(encoder or {}))
+        self.model = SpeakerEncoder(self.config)
+        self.w = nn.Parameter(torch.tensor(float(init_w)))
+        self.b = nn.Parameter(torch.tensor(float(init_b)))
+        self.bank: dict[str, deque[Tensor]] = {}
+        self.rng = random.Random(seed)
+        self._val_embeddings: list[Tensor] = []
+        self._val_speakers: list[str] = []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STAGE_KEY] = STAGE
+        checkpoint["speaker_encoder_config"] = asdict(self.config)
+
+    def remember(self, batch: AVBatch) -> None:
+        """Add the batch's utterances (their Mels, on the CPU) to the per-speaker bank."""
+        with torch.no_grad():
+            for wave, length, meta in zip(batch.wave, batch.wave_lengths, batch.meta):
+                bank = self.bank.setdefault(meta.speaker, deque(maxlen=self.hparams.bank_size))
+                bank.append(speaker_mels(wave[: int(length)]).cpu())
+
+    def ge2e_batch(self) -> Tensor | None:
+        """Mels ``[N, M, F, n_mels]`` drawn from the bank, or None while fewer than two speakers qualify."""
+        m = self.hparams.utterances_per_speaker
+        eligible = sorted(s for s, mels in self.bank.items() if len(mels) >= m)
+        if len(eligible) < 2:
+            return None
+        speakers = self.rng.sample(eligible, min(self.hparams.speakers_per_batch, len(eligible)))
+        chosen = [self.rng.sample(list(self.bank[s]), m) for s in speakers]
+        frames = min(self.hparams.train_frames, *(len(mels) for group in chosen for mels in group))
+        crops = []
+        for group in chosen:
+            for mels in group:
+                start = self.rng.randrange(len(mels) - frames + 1)
+                crops.append(mels[start : start + frames])
+        return torch.stack(crops).view(len(speakers), m, frames, -1).to(self.device)
+
+    def training_step(self, batch: AVBatch, batch_idx: int) -> Tensor | None:
+        self.remember(batch)
+        mels = self.ge2e_batch()
+        if mels is None:
+            return None  # the bank is still filling: Lightning skips the step
+        n, m = mels.shape[:2]
+        embeddings = self.model(mels.flatten(0, 1)).view(n, m, -1)
+        loss = ge2e_loss(ge2e_similarity(embeddings, self.w.clamp(min=1e-6), self.b))
+        self.log_dict({"train/loss": loss, "train/w": self.w, "train/speakers": float(n)}, prog_bar=True, batch_size=n)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_embeddings, self._val_speakers = [], []
+
+    def validation_step(self, batch: AVBatch, batch_idx: int) -> None:
+        self._val_embeddings.append(self.model.embed_batch(batch.wave, batch.wave_lengths).cpu())
+        self._val_speakers.extend(meta.speaker for meta in batch.meta)
+
+    def on_validation_epoch_end(self) -> None:
+        """EER over all pairs of validation utterances (this process's share: run validation on one device)."""
+        if len(set(self._val_speakers)) < 2:
+            rank_zero_warn("speaker EER skipped: the validation data has fewer than 2 speakers")
+            return
+        eer = pairwise_eer(torch.cat(self._val_embeddings), self._val_speakers)
+        self.log("val/eer", eer, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
+        return adam_with_schedule(
+            self,
+            lr=self.hparams.lr,
+            total_steps=total,
+            warmup_steps=self.hparams.warmup_steps,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=self.hparams.weight_decay,
+        )
+
+
+def load_speaker_encoder(path: str | Path) -> SpeakerEncoder:
+    """The encoder of a `SpeakerEncoderTraining` checkpoint, in eval mode."""
+    checkpoint = load_checkpoint(path)
+    expect_stage(checkpoint, STAGE, path)
+    model = SpeakerEncoder(SpeakerEncoderConfig(**checkpoint["speaker_encoder_config"]))
+    prefix = "model."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return model.eval()

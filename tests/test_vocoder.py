@@ -1,0 +1,267 @@
+"""Unit HiFi-GAN vocoder: exact output lengths, duration round trips, unit streams from a 25 Hz sidecar, a mel
+loss that falls, one GAN step with validation metrics and sample audio, the published size, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+
+from av2av_lightning.checkpoints import STAGE_KEY
+from av2av_lightning.data.datamodule import AVDataModule
+from av2av_lightning.data.sidecar import Sidecar, SidecarWriter
+from av2av_lightning.models.hifigan import (
+    SAMPLES_PER_UNIT,
+    HiFiGANDiscriminator,
+    UnitHiFiGAN,
+    UnitHiFiGANConfig,
+    deduplicate,
+    durations_from_log,
+    expand,
+)
+from av2av_lightning.speaker_encoding import SpeakerEncoderTraining
+from av2av_lightning.vocoder import PAD_UNIT, UnitVocoder, duration_targets, load_unit_vocoder
+
+NUM_UNITS = 8
+
+
+@pytest.fixture(scope="module")
+def unit_sidecar(av_shards, tmp_path_factory) -> Path:
+    """25 Hz units of the synthetic shards: the loudest of 8 Mel bands of each frame (they follow the audio)."""
+    loader = AVDataModule(val_shards=av_shards.pattern, max_frames=400, num_workers=0).val_dataloader()
+    path = tmp_path_factory.mktemp("units") / "units.npz"
+    with SidecarWriter(path, "units", rate_hz=25, dtype="int16") as writer:
+        for batch in loader:
+            bands = batch.audio[..., :24].reshape(*batch.audio.shape[:2], NUM_UNITS, 3).mean(-1)
+            for key, row, n in zip(batch.keys, bands.argmax(-1), batch.lengths):
+                writer.add(key, row[: int(n)].numpy())
+    return path
+
+
+def datamodule(av_shards, unit_sidecar, **overrides) -> AVDataModule:
+    settings = dict(
+        train_shards=av_shards.pattern,
+        val_shards=av_shards.pattern,
+        sidecars={"units": str(unit_sidecar)},
+        max_frames=80,
+        train_batches_per_epoch=10,
+        num_workers=0,
+        seed=0,
+    )
+    return AVDataModule(**{**settings, **overrides})
+
+
+def tiny(**overrides) -> UnitHiFiGAN:
+    return UnitHiFiGAN(UnitHiFiGANConfig.preset("tiny", **overrides))
+
+
+def test_output_is_320_samples_per_unit():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    with torch.no_grad():
+        for length in (1, 7, 13):
+            wave = model(torch.randint(0, 100, (2, length)), torch.randn(2, 64))
+            assert wave.shape == (2, SAMPLES_PER_UNIT * length)
+            assert wave.abs().max() <= 1.0
+        padded = model(torch.tensor([[3, 4, 5, PAD_UNIT, PAD_UNIT]]), None)
+    assert padded.shape == (1, 5 * SAMPLES_PER_UNIT)
+    assert (padded[0, 3 * SAMPLES_PER_UNIT :] == 0).all() and padded[0, : 3 * SAMPLES_PER_UNIT].abs().sum() > 0
+
+
+def test_duration_round_trip():
+    units = torch.tensor([5, 5, 5, 2, 9, 9, 2, 2, 2, 2, 7])
+    dedup, durations = deduplicate(units)
+    assert dedup.tolist() == [5, 2, 9, 2, 7] and durations.tolist() == [3, 1, 2, 4, 1]
+    assert torch.equal(expand(dedup, durations), units)
+    assert torch.equal(durations_from_log(torch.log1p(durations.float())), durations)
+    assert durations_from_log(torch.tensor([-3.0, 0.0, 0.2])).tolist() == [1, 1, 1]  # never below one frame
+    model = tiny(speaker_dim=0).eval()
+    with torch.no_grad():
+        assert torch.equal(model.synthesize(dedup, durations=durations), model(units[None])[0])
+        predicted = model.synthesize(dedup)
+    assert len(predicted) % SAMPLES_PER_UNIT == 0 and len(predicted) >= SAMPLES_PER_UNIT * len(dedup)
+
+
+def test_duration_targets_are_padded_per_row():
+    units = torch.tensor([[1, 1, 2, 2, 2, 3], [4, 4, 4, 4, PAD_UNIT, PAD_UNIT]])
+    dedup, durations = duration_targets(units, torch.tensor([6, 4]))
+    assert dedup.tolist() == [[1, 2, 3], [4, PAD_UNIT, PAD_UNIT]]
+    assert durations.tolist() == [[2, 3, 1], [4, 0, 0]]
+
+
+def test_unit_stream_repeats_25hz_units_and_matches_the_audio(av_shards, unit_sidecar):
+    module = UnitVocoder(units="units", unit_rate=25)
+    batch = next(iter(datamodule(av_shards, unit_sidecar).val_dataloader()))
+    units, lengths = module.unit_stream(batch)
+    assert torch.equal(lengths, batch.wave_lengths // SAMPLES_PER_UNIT)
+    assert torch.equal(lengths, 2 * batch.lengths)
+    first = batch.labels["units"][0, : batch.lengths[0]]
+    assert torch.equal(units[0, : lengths[0]], first.repeat_interleave(2))
+    assert (units[0, lengths[0] :] == PAD_UNIT).all()
+
+
+@pytest.fixture(scope="module")
+def dedup_sidecars(unit_sidecar, tmp_path_factory) -> dict[str, str]:
+    """The same units as unit extraction writes them: de-duplicated units and their durations (rate null)."""
+    out = tmp_path_factory.mktemp("dedup")
+    aligned = Sidecar.load(unit_sidecar)
+    with (
+        SidecarWriter(out / "units", "units", None, "int16") as units,
+        SidecarWriter(out / "dur", "durations", None) as durations,
+    ):
+        for key in aligned:
+            dedup, counts = deduplicate(torch.from_numpy(aligned[key].astype(np.int64)))
+            units.add(key, dedup.numpy())
+            durations.add(key, counts.numpy())
+    return {"units": str(out / "units.npz"), "durations": str(out / "dur.npz")}
+
+
+def test_deduplicated_units_with_durations_give_the_same_stream(av_shards, unit_sidecar, dedup_sidecars):
+    aligned_batch = next(iter(datamodule(av_shards, unit_sidecar).val_dataloader()))
+    dedup_batch = next(iter(datamodule(av_shards, dedup_sidecars["units"], sidecars=dedup_sidecars).val_dataloader()))
+    assert dedup_batch.keys == aligned_batch.keys
+    expected = UnitVocoder(unit_rate=25).unit_stream(aligned_batch)
+    found = UnitVocoder(unit_rate=25, durations="durations").unit_stream(dedup_batch)
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
+def test_cropped_samples_with_deduplicated_units_are_refused(av_shards, dedup_sidecars):
+    module = UnitVocoder(unit_rate=25, durations="durations")
+    loader = datamodule(av_shards, None, sidecars=dedup_sidecars, max_sample_frames=8).val_dataloader()
+    with pytest.raises(ValueError, match=r"units x durations give \d+ frames but the audio has \d+"):
+        for batch in loader:
+            module.unit_stream(batch)
+
+
+def test_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match="unit id 100 is outside the vocoder's table of 100 units"):
+        tiny()(torch.tensor([[5, 100]]))
+    with pytest.raises(ValueError, match="unit_rate must be 25 or 50 Hz, got 100"):
+        UnitVocoder(unit_rate=100)
+    with pytest.raises(ValueError, match="unknown unit HiFi-GAN preset 'huge'"):
+        UnitHiFiGANConfig.preset("huge")
+    with pytest.raises(ValueError, match="must multiply to 320"):
+        UnitHiFiGANConfig.preset("tiny", upsample_rates=[5, 4, 4, 2])
+    speaker_checkpoint = tmp_path / "speaker.ckpt"
+    torch.save({STAGE_KEY: "speaker_encoder", "state_dict": {}}, speaker_checkpoint)
+    with pytest.raises(ValueError, match="a checkpoint of stage 'speaker_encoder', expected 'vocoder'"):
+        load_unit_vocoder(speaker_checkpoint)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_unit_vocoder(tmp_path / "missing.ckpt")
+
+
+def _conv(cin: int, cout: int, kernel: int) -> int:
+    return cin * cout * kernel + cout
+
+
+def test_published_generator_size():
+    """Conv weights and biases of the published unit HiFi-GAN generator (weight-norm gains add < 0.1%)."""
+    config = UnitHiFiGANConfig.preset("published")
+    expected, channels = _conv(128 + 128, 512, 7), 512
+    for kernel in config.upsample_kernels:
+        expected += _conv(channels, channels // 2, kernel)
+        channels //= 2
+        expected += sum(2 * len(config.resblock_dilations) * _conv(channels, channels, k) for k in (3, 7, 11))
+    expected += _conv(channels, 1, 7)
+    with torch.device("meta"):
+        model = UnitHiFiGAN(config)
+        discriminator = HiFiGANDiscriminator()
+    count = sum(p.numel() for p in model.generator.parameters())
+    assert 13_000_000 < expected < 14_000_000
+    assert abs(count - expected) / expected < 0.005, (count, expected)
+    assert model.units.weight.shape == (1000, 128) and model.speaker_proj.weight.shape == (128, 256)
+    # duration predictor: 2 convs (128 -> 128, k=3), 2 LayerNorms, linear head
+    assert sum(p.numel() for p in model.duration.parameters()) == 2 * _conv(128, 128, 3) + 4 * 128 + 129
+    assert sum(p.numel() for p in discriminator.parameters()) > 40_000_000  # MPD ~41 M + MSD ~29 M (HiFi-GAN)
+
+
+class History(L.Callback):
+    def __init__(self, key: str) -> None:
+        self.key, self.values = key, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(trainer.callback_metrics[self.key]))
+
+
+class AudioLogger(Logger):
+    """Records the audio a module logs (stands in for W&B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audio: list[tuple[str, list, dict]] = []
+
+    name = "audio"
+    version = 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_audio(self, key, audios, step=None, **kwargs) -> None:
+        self.audio.append((key, audios, kwargs))
+
+
+@pytest.mark.slow
+def test_mel_l1_falls_without_gan(av_shards, unit_sidecar, cpu_trainer, tmp_path):
+    torch.manual_seed(0)
+    module = UnitVocoder(
+        vocoder={"num_units": NUM_UNITS}, unit_rate=25, segment_units=16, gan_start_step=10**9, lr=2e-3, total_steps=200
+    )
+    history = History("train/mel_l1")
+    trainer = cpu_trainer(max_steps=40, callbacks=[history], limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule(av_shards, unit_sidecar))
+    first, last = np.mean(history.values[:5]), np.mean(history.values[-5:])
+    assert len(history.values) == 40
+    assert last < 0.75 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sidecar, cpu_trainer, tmp_path):
+    """Speakers from a (frozen) speaker-encoder checkpoint; one GAN step moves the discriminator."""
+    encoder = SpeakerEncoderTraining()
+    speaker_checkpoint = {"state_dict": encoder.state_dict()}
+    encoder.on_save_checkpoint(speaker_checkpoint)
+    torch.save(speaker_checkpoint, tmp_path / "speaker.ckpt")
+    torch.manual_seed(0)
+    module = UnitVocoder(
+        vocoder={"num_units": NUM_UNITS}, unit_rate=25, segment_units=8, speaker_encoder=str(tmp_path / "speaker.ckpt")
+    )
+    assert module.speaker_mode == "encoder" and module.config.speaker_dim == 64
+    before = [p.detach().clone() for p in module.discriminator.parameters()]
+    logger = AudioLogger()
+    trainer = cpu_trainer(
+        max_epochs=1, limit_val_batches=1, logger=logger, num_sanity_val_steps=0, default_root_dir=tmp_path
+    )
+    trainer.fit(module, datamodule=datamodule(av_shards, unit_sidecar, train_batches_per_epoch=1))
+    assert trainer.global_step == 2  # one batch: a discriminator and a generator step
+    metrics = trainer.callback_metrics
+    for key in ("train/loss_d", "train/adversarial", "train/feature_matching", "val/mel_l1", "val/stoi", "val/estoi"):
+        assert torch.isfinite(metrics[key]), key
+    assert metrics["val/pesq_scored"] + metrics["val/pesq_failed"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.discriminator.parameters()))
+    (key, audios, kwargs) = logger.audio[0]
+    assert key == "val/audio" and kwargs["sample_rate"][0] == 16_000 and len(audios[0]) % SAMPLES_PER_UNIT == 0
+    checkpoint = tmp_path / "vocoder.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    loaded = load_unit_vocoder(checkpoint)
+    units, speaker = torch.randint(0, NUM_UNITS, (1, 6)), torch.randn(1, 64)
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(units, speaker), module.model(units, speaker), atol=1e-6)
+    assert torch.load(checkpoint, weights_only=True)["speaker_mode"] == "encoder"
+
+
+def test_speaker_table_mode_and_unknown_speakers(av_shards, unit_sidecar):
+    module = UnitVocoder(vocoder={"num_units": NUM_UNITS}, unit_rate=25, speakers=["spk0", "spk1", "spk2", "spk3"])
+    batch = next(iter(datamodule(av_shards, unit_sidecar).val_dataloader()))
+    assert module.speaker_mode == "table" and module.speaker_embedding(batch).shape == (len(batch), 64)
+    module = UnitVocoder(vocoder={"num_units": NUM_UNITS}, unit_rate=25, speakers=["spk9"])
+    with pytest.raises(ValueError, match=r"speaker\(s\) \[.*'spk0'.*\] are not in the vocoder's speaker table of 1"):
+        module.speaker_embedding(batch)
+    assert UnitVocoder(vocoder={"num_units": NUM_UNITS}).speaker_mode == "none"
