@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.tables import write_table
+
 _EXCEPTION = re.compile(r"^[A-Za-z_.]*(?:Error|Exception): (.+)$", re.MULTILINE)
 
 
@@ -80,13 +82,6 @@ def summarise(rows: list[RowResult], metrics: list[str]) -> list[dict[str, str]]
     return table
 
 
-def markdown(table: list[dict[str, str]]) -> str:
-    columns = list(table[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in table]
-    return "\n".join(lines)
-
-
 def run_ablation(base: Path, deltas: list[Path], seeds: list[int], metrics: list[str], out: Path, extra: list[str]):
     rows = []
     for delta in deltas:
@@ -121,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablation: error: {args.deltas} holds no .yaml deltas", file=sys.stderr)
         return 2
     table = run_ablation(args.config, deltas, args.seeds, args.metrics, args.out, extra)
-    text = markdown(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
-    with open(args.out / "table.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    print(text)
+    print(write_table(table, args.out))
     return 0
 
 

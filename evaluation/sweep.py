@@ -14,7 +14,6 @@ and its second, if any, as the delta. The results go to ``OUT/table.md``, ``OUT/
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import itertools
 import json
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.ablation import last_values, markdown, run_ablation
+from evaluation.ablation import last_values, run_ablation
+from evaluation.tables import write_table
 
 METHODS = ("grid", "random")
 
@@ -178,13 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
-    text = markdown(rows)
-    (args.out / "table.md").write_text(text + "\n")
-    with open(args.out / "table.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(text)
+    print(write_table(rows, args.out))
     print(f"plot: {plot(points, results, metrics[0], args.out / 'sweep.png')}")
     return 0
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from data_prep.vocab import count_words, top_words
-from evaluation.ablation import RowResult, failure_reason, main, markdown, summarise
+from evaluation.ablation import RowResult, failure_reason, main, summarise
+from evaluation.tables import markdown
 
 ROOT = Path(__file__).parents[1]
 
