@@ -386,3 +386,8 @@ def test_suite_routes_named_inputs_and_transcribes_once(speech):
         build_suite(["psnr"])
     with pytest.raises(ValueError, match="unknown"):
         build_suite(["bleu"])
+
+
+def test_ssim_refuses_frames_smaller_than_its_window():
+    with pytest.raises(ValueError, match="larger than 11 pixels"):
+        VideoSSIM(data_range=1.0).update([np.zeros((2, 8, 8))], [np.zeros((2, 8, 8))])

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from av2av_lightning.metrics._common import check_pairs, safe_mean
 
@@ -82,24 +83,39 @@ class VideoPSNR(_FrameQuality):
         return peak_signal_noise_ratio(preds, target, data_range=self.data_range, reduction="none", dim=(1, 2, 3))
 
 
+def gaussian_window(sigma: float, radius: int, dtype=torch.float64) -> torch.Tensor:
+    """The normalised 1-D Gaussian of ``2 * radius + 1`` taps (the 2-D SSIM window is its outer product)."""
+    taps = torch.arange(-radius, radius + 1, dtype=dtype)
+    window = torch.exp(-(taps**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
 class VideoSSIM(_FrameQuality):
-    """SSIM per frame with an 11x11 Gaussian window (sigma 1.5), averaged over the frame away from a border of
-    half a window, as scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False)`` and Wang et al.'s reference code do; torchmetrics' own per-image mean also
-    averages the padded border, which moves the score by ~1e-3 on small frames."""
+    """SSIM per frame with an 11x11 Gaussian window (sigma 1.5, population covariance), averaged over the pixels
+    whose window lies inside the frame, as scikit-image's ``structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False)`` and Wang et al.'s reference code do (torchmetrics' per-image mean
+    also averages a padded border, which moves the score by ~1e-3 on small frames).
+
+    The window is applied as two 1-D passes without padding (22 taps per pixel instead of 121, and no border to
+    crop), in float64: about 5x faster on CPU than a 2-D float64 convolution, with the same result."""
 
     key = "ssim"
     sigma = 1.5
+    radius = 5  # int(3.5 * sigma + 0.5): the window's half width, as scikit-image and torchmetrics size it
 
     def _per_frame(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _, ssim_map = structural_similarity_index_measure(
-            preds,
-            target,
-            gaussian_kernel=True,
-            sigma=self.sigma,
-            data_range=self.data_range,
-            reduction="none",
-            return_full_image=True,
-        )
-        border = int(3.5 * self.sigma + 0.5)  # the window's half width, as torchmetrics and scikit-image size it
-        return ssim_map[..., border:-border, border:-border].mean(dim=(1, 2, 3))
+        channels = preds.shape[1]
+        if min(preds.shape[-2:]) <= 2 * self.radius:
+            raise ValueError(
+                f"SSIM needs frames larger than {2 * self.radius + 1} pixels, got {tuple(preds.shape[-2:])}"
+            )
+        window = gaussian_window(self.sigma, self.radius).to(preds.device)
+        stacked = torch.cat([preds, target, preds * preds, target * target, preds * target], dim=1)
+        groups = stacked.shape[1]
+        rows = F.conv2d(stacked, window.view(1, 1, -1, 1).expand(groups, 1, -1, 1), groups=groups)
+        local = F.conv2d(rows, window.view(1, 1, 1, -1).expand(groups, 1, 1, -1), groups=groups)
+        mu_p, mu_t, pp, tt, pt = local.split(channels, dim=1)
+        var_p, var_t, cov = pp - mu_p**2, tt - mu_t**2, pt - mu_p * mu_t
+        c1, c2 = (0.01 * self.data_range) ** 2, (0.03 * self.data_range) ** 2
+        ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+        return ssim_map.mean(dim=(1, 2, 3))
