@@ -2,7 +2,8 @@
 
 Training stages run through LightningCLI (`av2av fit|validate|test|predict --config ...`),
 so every stage shares one configuration system; data preparation and evaluation are plain
-subcommands. Expected failures (bad paths, bad values) print one line, never a traceback.
+subcommands. Expected failures (bad paths, bad values, bad configs, a run stopped by
+`NonFiniteGuard`) print one line, never a traceback; ``AV2AV_TRACEBACK=1`` shows it anyway.
 """
 
 from __future__ import annotations
@@ -10,26 +11,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# what bad input raises: configs (argparse.ArgumentError from jsonargparse), files and values
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (argparse.ArgumentError, OSError, ValueError)
 
 
 def run_training(argv: list[str]) -> None:
-    """LightningCLI over any LightningModule (class_path in the config) and the shared datamodule."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    """LightningCLI over any stage (imported late: Lightning takes seconds to import)."""
+    from av2av_lightning.lightning_cli import run_training as run
 
-    from av2av_lightning.data.datamodule import AVDataModule
+    run(argv)
 
-    LightningCLI(
-        L.LightningModule,
-        AVDataModule,
-        subclass_mode_model=True,
-        args=None if argv == sys.argv[1:] else argv,  # LightningCLI warns when given the process's own argv
-        save_config_kwargs={"overwrite": True},
-    )
+
+def _one_line_error(command: str, err: BaseException) -> int:
+    """``av2av COMMAND: error: MESSAGE`` on stderr (whitespace collapsed); exit status 2."""
+    if os.environ.get("AV2AV_TRACEBACK"):
+        raise err
+    while err.__cause__ is not None and _raised_in_jsonargparse(err):
+        err = err.__cause__  # its wrapper lists every union member it tried; the cause names the problem
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"av2av {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
 
 
 def _corpus_build(args: argparse.Namespace) -> None:
@@ -56,7 +68,10 @@ def _corpus_stats(args: argparse.Namespace) -> None:
     from av2av_lightning.data.shards import read_manifest
     from data_prep.corpus.build import format_stats
 
-    manifest = read_manifest(args.corpus)
+    try:
+        manifest = read_manifest(args.corpus)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{args.corpus}: not a corpus manifest (invalid JSON: {err})") from None
     print(json.dumps(manifest, indent=2) if args.json else format_stats(manifest))
     if args.plot:
         _plot(Path(args.corpus).parent if Path(args.corpus).is_file() else args.corpus, manifest, args.plot)
@@ -97,24 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_prep.clustering.cli import add_arguments as add_cluster_arguments
     from data_prep.converters.cli import add_arguments as add_converter_arguments
+    from data_prep.units import add_arguments as add_unit_arguments
     from data_prep.vocab import add_arguments as add_vocab_arguments
 
     add_converter_arguments(commands)
     add_cluster_arguments(commands)
     add_vocab_arguments(commands)
+    add_unit_arguments(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINING_SUBCOMMANDS:
-        run_training(argv)
+        import pickle
+
+        from av2av_lightning.reliability import NonFiniteLossError
+
+        try:
+            run_training(argv)
+        except (*EXPECTED_ERRORS, NonFiniteLossError, pickle.UnpicklingError) as err:
+            return _one_line_error(argv[0], err)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (OSError, ValueError) as err:
-        print(f"av2av {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except EXPECTED_ERRORS as err:
+        return _one_line_error(args.command, err)
     return 0

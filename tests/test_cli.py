@@ -23,10 +23,13 @@ def test_help_lists_data_and_training_commands(capsys):
         assert command in out
 
 
-def test_training_commands_are_lightning_cli_over_the_shared_datamodule():
+def test_training_commands_are_lightning_cli_over_any_datamodule_the_shared_one_by_default():
     result = run_cli("fit", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--data.train_shards" in result.stdout and "--trainer.max_epochs" in result.stdout
+    assert "--data CONFIG | CLASS_PATH_OR_NAME" in result.stdout and "--trainer.max_epochs" in result.stdout
+    result = run_cli("fit", "--data.help", "AVDataModule")
+    assert result.returncode == 0, result.stderr
+    assert "--data.train_shards" in result.stdout
 
 
 def test_missing_corpus_is_a_one_line_error(tmp_path):
