@@ -187,7 +187,7 @@ def build_units(
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from av2av_lightning.checkpoints import load_avhubert
+    from av2av_lightning.checkpoints import load_encoder
     from data_prep.clustering.cli import parse_splits, resolve_device
     from data_prep.clustering.kmeans import model_layer_source
 
@@ -200,7 +200,7 @@ def _extract(args: argparse.Namespace) -> None:
     if args.quantizer is None and not args.shards and not args.heads:
         raise ValueError("--shards (training shards to fit k-means on) is required without --quantizer")
     device = resolve_device(args.device)
-    model = load_avhubert(args.checkpoint)
+    model = load_encoder(args.checkpoint)
     if args.heads:
         source = head_source(model, args.checkpoint, args.modality, device=device)
     else:
@@ -227,7 +227,7 @@ def add_arguments(commands) -> None:
     units = commands.add_parser("units", help="discrete units for translation (A, V or AV input)")
     actions = units.add_subparsers(dest="units_command", required=True, metavar="ACTION")
     extract = actions.add_parser("extract", help="k-means units of an encoder layer, repeats removed, with durations")
-    extract.add_argument("--checkpoint", required=True, help="AV-HuBERT pretraining checkpoint")
+    extract.add_argument("--checkpoint", required=True, help="pretraining or mutual-learning checkpoint (its encoder)")
     extract.add_argument("--layer", type=int, help="encoder layer (1-based) whose features are clustered")
     extract.add_argument("--heads", action="store_true", help="units from the model's label heads, interleaved")
     extract.add_argument("--modality", choices=("av", "audio", "video"), default="audio", help="encoder input")
