@@ -37,12 +37,31 @@ def expect_stage(checkpoint: dict, stage: str, path: str | Path) -> None:
         raise ValueError(f"{path}: a checkpoint of stage {found or 'unknown'!r}, expected {stage!r}")
 
 
+# where each stage that holds an AV-HuBERT encoder keeps it in its state_dict
+ENCODER_PREFIXES = {"pretraining": "model.", "mutual_learning": "encoder."}
+
+
 def load_avhubert(path: str | Path) -> AVHubert:
     """The encoder of an `AVHubertPretraining` checkpoint, in eval mode."""
     checkpoint = load_checkpoint(path)
     expect_stage(checkpoint, "pretraining", path)
+    return _encoder_of(checkpoint, "pretraining")
+
+
+def load_encoder(path: str | Path) -> AVHubert:
+    """The AV-HuBERT encoder, in eval mode, of a pretraining checkpoint or of a mutual-learning one (the aligned
+    encoder), so unit extraction and analysis can compare the two."""
+    checkpoint = load_checkpoint(path)
+    stage = checkpoint.get(STAGE_KEY)
+    if stage not in ENCODER_PREFIXES:
+        expected = " or ".join(repr(name) for name in ENCODER_PREFIXES)
+        raise ValueError(f"{path}: a checkpoint of stage {stage or 'unknown'!r}, expected {expected}")
+    return _encoder_of(checkpoint, stage)
+
+
+def _encoder_of(checkpoint: dict, stage: str) -> AVHubert:
     model = AVHubert(AVHubertConfig(**checkpoint["encoder_config"]))
-    prefix = "model."
+    prefix = ENCODER_PREFIXES[stage]
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     return model.eval()

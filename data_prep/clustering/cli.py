@@ -62,12 +62,12 @@ def _mfcc(args: argparse.Namespace) -> None:
 
 def _layer(args: argparse.Namespace) -> None:
     """Iteration n: k-means on a layer of the previous iteration's encoder (or label with a saved quantizer)."""
-    from av2av_lightning.checkpoints import load_avhubert
+    from av2av_lightning.checkpoints import load_encoder
     from data_prep.clustering.kmeans import KMeansQuantizer, build_targets, label_shards, model_layer_source
 
     device = resolve_device(args.device)
     source = model_layer_source(
-        load_avhubert(args.checkpoint), args.layer, args.checkpoint, args.modality, device=device
+        load_encoder(args.checkpoint), args.layer, args.checkpoint, args.modality, device=device
     )
     if not args.shards and not args.label:
         raise ValueError("give --shards to fit on, or --quantizer with --label NAME=PATTERN to label")
@@ -131,8 +131,8 @@ def add_arguments(commands) -> None:
     mfcc.add_argument("--max-iter", type=int, default=100, help="passes over the fitting sample")
     mfcc.add_argument("--quiet", action="store_true", help="no progress bars")
     mfcc.set_defaults(handler=_mfcc)
-    layer = actions.add_parser("layer", help="iteration-n targets: k-means on a layer of a pretraining checkpoint")
-    layer.add_argument("--checkpoint", required=True, help="AVHubertPretraining checkpoint of the previous iteration")
+    layer = actions.add_parser("layer", help="iteration-n targets: k-means on a layer of an encoder checkpoint")
+    layer.add_argument("--checkpoint", required=True, help="pretraining or mutual-learning checkpoint (its encoder)")
     layer.add_argument("--layer", type=int, required=True, help="encoder layer (1-based) whose features are clustered")
     layer.add_argument("--modality", choices=("av", "audio", "video"), default="av", help="encoder input")
     layer.add_argument("--shards", action="append", help="training shards to fit on (repeatable)")
