@@ -7,13 +7,16 @@ stage that is given the wrong file says so in one line instead of failing on key
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 
 STAGE_KEY = "av2av_stage"
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -61,7 +64,20 @@ def load_encoder(path: str | Path) -> AVHubert:
 
 def _encoder_of(checkpoint: dict, stage: str) -> AVHubert:
     model = AVHubert(AVHubertConfig(**checkpoint["encoder_config"]))
-    prefix = ENCODER_PREFIXES[stage]
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    model.load_state_dict(submodule_state(checkpoint, ENCODER_PREFIXES[stage]))
+    return model.eval()
+
+
+def submodule_state(checkpoint: dict, prefix: str = "model.") -> dict:
+    """The state dict of one submodule of a LightningModule checkpoint: keys under ``prefix``, prefix removed."""
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_stage_model(path: str | Path, stage: str, build: Callable[[dict], M], prefix: str = "model.") -> M:
+    """The plain model a stage trains, in eval mode: ``build(checkpoint)`` makes it from the configuration the
+    stage recorded, and its weights are the stage's ``prefix`` submodule."""
+    checkpoint = load_checkpoint(path)
+    expect_stage(checkpoint, stage, path)
+    model = build(checkpoint)
+    model.load_state_dict(submodule_state(checkpoint, prefix))
     return model.eval()

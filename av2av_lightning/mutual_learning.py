@@ -27,7 +27,7 @@ from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 from data_prep.vocab import read_words, word_key
 
 TASKS = ("words", "sentences")
@@ -219,14 +219,7 @@ class CrossModalMutualLearning(L.LightningModule):
         checkpoint["encoder_config"] = asdict(self.encoder.config)
 
     def configure_optimizers(self) -> dict:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        return adam_with_schedule(
-            self,
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            weight_decay=self.hparams.weight_decay,
-        )
+        return stage_optimizer(self, self)
 
 
 def _encoder(pretrained: str | None, preset: str, overrides: dict | None) -> AVHubert:

@@ -46,3 +46,21 @@ def adam_with_schedule(
         optimizer, lambda step: polynomial_decay_with_warmup(step, warmup_steps, total_steps, power, end_factor)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def stage_optimizer(stage, parameters: nn.Module, **overrides) -> dict:
+    """`adam_with_schedule` over ``parameters`` from a stage's hyperparameters: ``lr``, ``warmup_steps``,
+    ``weight_decay``, ``total_steps`` (None: the trainer's estimate) and ``betas``/``eps`` where the stage has them;
+    ``overrides`` win (a stage with fixed Adam settings)."""
+    hparams = stage.hparams
+    settings = {
+        "lr": hparams.lr,
+        "warmup_steps": hparams.warmup_steps,
+        "weight_decay": hparams.weight_decay,
+        "total_steps": hparams.get("total_steps") or int(stage.trainer.estimated_stepping_batches),
+    }
+    if "betas" in hparams:
+        settings["betas"] = tuple(hparams.betas)
+    if "eps" in hparams:
+        settings["eps"] = hparams.eps
+    return adam_with_schedule(parameters, **{**settings, **overrides})

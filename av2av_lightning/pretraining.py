@@ -22,7 +22,7 @@ from av2av_lightning.checkpoints import STAGE_KEY
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.schema import VIDEO_FPS
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 
 INPUTS = ("av", "a", "v")  # validation reports masked-prediction accuracy for each input
 
@@ -142,13 +142,4 @@ class AVHubertPretraining(L.LightningModule):
             self.log(f"val/acc_masked_{name}", self.accuracy[name], batch_size=len(batch))
 
     def configure_optimizers(self) -> dict:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        return adam_with_schedule(
-            self.model,
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            betas=tuple(self.hparams.betas),
-            eps=self.hparams.eps,
-            weight_decay=self.hparams.weight_decay,
-        )
+        return stage_optimizer(self, self.model)

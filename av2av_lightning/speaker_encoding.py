@@ -23,10 +23,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from sklearn.metrics import roc_curve
 from torch import Tensor, nn
 
-from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.models.speaker_encoder import SpeakerEncoder, SpeakerEncoderConfig, speaker_mels
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 
 STAGE = "speaker_encoder"
 
@@ -176,23 +176,9 @@ class SpeakerEncoderTraining(L.LightningModule):
         self.log("val/eer", eer, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        return adam_with_schedule(
-            self,
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-            weight_decay=self.hparams.weight_decay,
-        )
+        return stage_optimizer(self, self, betas=(0.9, 0.999), eps=1e-8)  # GE2E: plain Adam settings
 
 
 def load_speaker_encoder(path: str | Path) -> SpeakerEncoder:
     """The encoder of a `SpeakerEncoderTraining` checkpoint, in eval mode."""
-    checkpoint = load_checkpoint(path)
-    expect_stage(checkpoint, STAGE, path)
-    model = SpeakerEncoder(SpeakerEncoderConfig(**checkpoint["speaker_encoder_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.eval()
+    return load_stage_model(path, STAGE, lambda c: SpeakerEncoder(SpeakerEncoderConfig(**c["speaker_encoder_config"])))

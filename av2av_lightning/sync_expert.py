@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.data.schema import SAMPLES_PER_FRAME
 from av2av_lightning.metrics.lipsync import LipSync
 from av2av_lightning.models.syncnet import SYNC_FRAMES, SyncNet, SyncNetConfig
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 
 STAGE = "sync_expert"
 LIPSYNC_VARIANTS = ("real", "shifted", "real_at_zero", "shifted_at_zero")
@@ -170,22 +170,9 @@ class SyncExpertTraining(L.LightningModule):
             self.lipsync_shifted_at_zero.update([shifted[0]], [shifted[1]])
 
     def configure_optimizers(self) -> dict:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        return adam_with_schedule(
-            self.model,
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            weight_decay=self.hparams.weight_decay,
-        )
+        return stage_optimizer(self, self.model)
 
 
 def load_sync_expert(path: str | Path) -> SyncNet:
     """The `SyncNet` of a `SyncExpertTraining` checkpoint, in eval mode (satisfies `SyncExpert`)."""
-    checkpoint = load_checkpoint(path)
-    expect_stage(checkpoint, STAGE, path)
-    model = SyncNet(SyncNetConfig(**checkpoint["syncnet_config"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model.eval()
+    return load_stage_model(path, STAGE, lambda c: SyncNet(SyncNetConfig(**c["syncnet_config"])))

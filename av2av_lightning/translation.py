@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.unit_pairs import UnitPairBatch
 from av2av_lightning.metrics.text import ASRBleu, WordAccuracy, WordErrorRate
 from av2av_lightning.models.unit_translator import PAD, UnitTranslator, UnitTranslatorConfig, pad_tokens
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 
 __all__ = ["UnitTranslation", "load_translator", "unit_string"]
 
@@ -166,23 +166,11 @@ class UnitTranslation(L.LightningModule):
                 metric.reset()
 
     def configure_optimizers(self) -> dict:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        return adam_with_schedule(
-            self.model,
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            betas=tuple(self.hparams.betas),
-            eps=self.hparams.eps,
-            weight_decay=self.hparams.weight_decay,
-        )
+        return stage_optimizer(self, self.model)
 
 
 def load_translator(path) -> UnitTranslator:
     """The translator of a `UnitTranslation` checkpoint, in eval mode."""
-    checkpoint = load_checkpoint(path)
-    expect_stage(checkpoint, "translation", path)
-    model = UnitTranslator(UnitTranslatorConfig(**checkpoint["translator_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.eval()
+    return load_stage_model(
+        path, "translation", lambda c: UnitTranslator(UnitTranslatorConfig(**c["translator_config"]))
+    )
