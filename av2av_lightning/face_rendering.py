@@ -13,7 +13,7 @@ renderer reads (2 per frame). Validation renders every frame of every clip from 
 reference and logs the L1 and PSNR / SSIM (`VideoPSNR`, `VideoSSIM`, data range 1, on ``quality_frames`` frames
 per clip); the first clip of each
 validation pass is written as a PNG grid (target, masked input, reference, output) and sent to the logger when
-it can show images (W&B).
+it can show images (W&B), and logged as generated vs reference video (`logging_utils.log_media_table`).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from PIL import Image
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.schema import FACE_SIZE, VIDEO_FPS
+from av2av_lightning.logging_utils import log_media_table
 from av2av_lightning.metrics._common import attach_external
 from av2av_lightning.metrics.video import VideoPSNR, VideoSSIM
 from av2av_lightning.models.face_renderer import (
@@ -44,7 +45,7 @@ from av2av_lightning.models.face_renderer import (
     unit_windows,
 )
 from av2av_lightning.models.syncnet import SYNC_FRAMES, SyncNet
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 from av2av_lightning.sync_expert import load_sync_expert
 
 STAGE = "face_rendering"
@@ -230,6 +231,8 @@ class FaceRendering(L.LightningModule):
             self.ssim.update([generated[pick].permute(0, 2, 3, 1)], [faces[pick].permute(0, 2, 3, 1)])
             if batch_idx == 0 and index == 0 and self.trainer.is_global_zero:
                 self.write_grid(faces, generated)
+                row = {"key": batch.keys[index], "generated": generated, "reference": faces}
+                log_media_table(self.trainer, "val/videos", [row])
         self.log("val/l1", self.val_l1, batch_size=len(batch))
 
     def quality_frames(self, length: int) -> Tensor:
@@ -260,24 +263,11 @@ class FaceRendering(L.LightningModule):
         return path
 
     def configure_optimizers(self) -> tuple[list, list]:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        settings = dict(
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            weight_decay=self.hparams.weight_decay,
-        )
         modules = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
-        configured = [adam_with_schedule(module, **settings) for module in modules]
+        configured = [stage_optimizer(self, module) for module in modules]
         return [c["optimizer"] for c in configured], [c["lr_scheduler"]["scheduler"] for c in configured]
 
 
 def load_face_renderer(path: str | Path) -> FaceRenderer:
     """The `FaceRenderer` of a `FaceRendering` checkpoint, in eval mode."""
-    checkpoint = load_checkpoint(path)
-    expect_stage(checkpoint, STAGE, path)
-    model = FaceRenderer(FaceRendererConfig(**checkpoint["renderer_config"]))
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model.eval()
+    return load_stage_model(path, STAGE, lambda c: FaceRenderer(FaceRendererConfig(**c["renderer_config"])))

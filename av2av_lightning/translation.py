@@ -108,7 +108,7 @@ class UnitTranslation(L.LightningModule):
     def training_step(self, batch: UnitPairBatch, batch_idx: int) -> Tensor:
         summed, stats = self.loss(batch)
         # per target token over the whole world (DDP averages gradients, so scale by the world size)
-        tokens = self.trainer.strategy.reduce(torch.tensor(float(stats["tokens"]), device=self.device), "sum")
+        tokens = self.trainer.strategy.reduce(torch.tensor(float(stats["tokens"]), device=self.device), reduce_op="sum")
         loss = summed / tokens.clamp(min=1.0) * self.trainer.world_size
         self.log_dict(
             {
@@ -152,9 +152,14 @@ class UnitTranslation(L.LightningModule):
             self.exact[name].update(pick_hyps, pick_refs)
 
     def on_validation_epoch_end(self) -> None:
+        """Scores of every direction that any rank saw (counted over ranks first: each compute() syncs, so all
+        ranks must compute the same directions in the same order)."""
+        names = list(self.bleu)
+        local = torch.stack([self.exact[name].total.float() for name in names]).to(self.device)
+        seen = self.trainer.strategy.reduce(local, reduce_op="sum")
         scores = {}
-        for name in self.bleu:
-            if int(self.exact[name].total) == 0:
+        for name, count in zip(names, seen.tolist()):
+            if count == 0:
                 continue
             suffix = "" if name == "all" else f"_{name}"
             scores[f"val/unit_bleu{suffix}"] = self.bleu[name].compute()["asr_bleu"].float()

@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from av2av_lightning.checkpoints import STAGE_KEY, expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.data.features import log_mel_spectrogram
 from av2av_lightning.data.schema import SAMPLE_RATE, VIDEO_FPS
+from av2av_lightning.logging_utils import log_media_table
 from av2av_lightning.metrics.speech import ESTOI, PESQ, STOI
 from av2av_lightning.models.hifigan import (
     SAMPLES_PER_UNIT,
@@ -38,7 +38,7 @@ from av2av_lightning.models.hifigan import (
     deduplicate,
     expand,
 )
-from av2av_lightning.optim import adam_with_schedule
+from av2av_lightning.optim import stage_optimizer
 from av2av_lightning.speaker_encoding import load_speaker_encoder
 
 STAGE = "vocoder"
@@ -92,7 +92,8 @@ class UnitVocoder(L.LightningModule):
         mel_weight, fm_weight, duration_weight: loss weights (HiFi-GAN: 45, 2; duration 1).
         gan_start_step: generator steps trained on mel and duration losses alone before the GAN joins.
         lr, betas, weight_decay, warmup_steps, total_steps: AdamW for both optimisers with `optim.py`'s schedule.
-        val_audio_samples: resynthesised utterances logged as audio per validation epoch (W&B, TensorBoard).
+        val_audio_samples: resynthesised utterances logged next to their references per validation epoch
+            (a W&B table, TensorBoard audio).
     """
 
     def __init__(
@@ -267,51 +268,21 @@ class UnitVocoder(L.LightningModule):
         for metric in self.speech_metrics:
             metric.update(preds, refs)
         if batch_idx == 0:
-            self.log_audio(preds[: self.hparams.val_audio_samples], batch.keys)
+            count = self.hparams.val_audio_samples
+            rows = [{"key": k, "generated": p, "reference": r} for k, p, r in zip(batch.keys, preds, refs)]
+            log_media_table(self.trainer, "val/audio", rows[:count])
 
     def on_validation_epoch_end(self) -> None:
         for metric in self.speech_metrics:
             self.log_dict({f"val/{k}": float(v) for k, v in metric.compute().items()})
             metric.reset()
 
-    def log_audio(self, waves: list[Tensor], keys: list[str]) -> None:
-        """Sample audio to every logger that takes audio (W&B ``log_audio``, TensorBoard ``add_audio``)."""
-        for logger in self.loggers:
-            arrays = [w.detach().float().cpu().numpy() for w in waves]
-            if hasattr(logger, "log_audio"):
-                logger.log_audio(
-                    "val/audio",
-                    arrays,
-                    step=self.global_step,
-                    sample_rate=[SAMPLE_RATE] * len(arrays),
-                    caption=keys[: len(arrays)],
-                )
-            elif hasattr(getattr(logger, "experiment", None), "add_audio"):
-                for key, array in zip(keys, arrays):
-                    logger.experiment.add_audio(
-                        f"val/{key}", np.clip(array, -1, 1)[None], self.global_step, SAMPLE_RATE
-                    )
-
     def configure_optimizers(self) -> tuple[list, list]:
-        total = self.hparams.total_steps or int(self.trainer.estimated_stepping_batches)
-        settings = dict(
-            lr=self.hparams.lr,
-            total_steps=total,
-            warmup_steps=self.hparams.warmup_steps,
-            betas=tuple(self.hparams.betas),
-            eps=1e-9,
-            weight_decay=self.hparams.weight_decay,
-        )
         generator = nn.ModuleList([self.model] + ([self.speaker_table] if self.speaker_table is not None else []))
-        g, d = adam_with_schedule(generator, **settings), adam_with_schedule(self.discriminator, **settings)
-        return [g["optimizer"], d["optimizer"]], [g["lr_scheduler"]["scheduler"], d["lr_scheduler"]["scheduler"]]
+        configured = [stage_optimizer(self, module, eps=1e-9) for module in (generator, self.discriminator)]
+        return [c["optimizer"] for c in configured], [c["lr_scheduler"]["scheduler"] for c in configured]
 
 
 def load_unit_vocoder(path: str | Path) -> UnitHiFiGAN:
     """The generator (with duration predictor) of a `UnitVocoder` checkpoint, in eval mode."""
-    checkpoint = load_checkpoint(path)
-    expect_stage(checkpoint, STAGE, path)
-    model = UnitHiFiGAN(UnitHiFiGANConfig(**checkpoint["vocoder_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.eval()
+    return load_stage_model(path, STAGE, lambda c: UnitHiFiGAN(UnitHiFiGANConfig(**c["vocoder_config"])))

@@ -9,8 +9,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 
+from av2av_lightning import vocoder
 from av2av_lightning.checkpoints import STAGE_KEY
 from av2av_lightning.data.datamodule import AVDataModule
 from av2av_lightning.data.sidecar import Sidecar, SidecarWriter
@@ -187,26 +187,6 @@ class History(L.Callback):
         self.values.append(float(trainer.callback_metrics[self.key]))
 
 
-class AudioLogger(Logger):
-    """Records the audio a module logs (stands in for W&B)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.audio: list[tuple[str, list, dict]] = []
-
-    name = "audio"
-    version = 0
-
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_audio(self, key, audios, step=None, **kwargs) -> None:
-        self.audio.append((key, audios, kwargs))
-
-
 @pytest.mark.slow
 def test_mel_l1_falls_without_gan(av_shards, unit_sidecar, cpu_trainer, tmp_path):
     torch.manual_seed(0)
@@ -222,7 +202,7 @@ def test_mel_l1_falls_without_gan(av_shards, unit_sidecar, cpu_trainer, tmp_path
 
 
 @pytest.mark.slow
-def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sidecar, cpu_trainer, tmp_path):
+def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sidecar, cpu_trainer, tmp_path, monkeypatch):
     """Speakers from a (frozen) speaker-encoder checkpoint; one GAN step moves the discriminator."""
     encoder = SpeakerEncoderTraining()
     speaker_checkpoint = {"state_dict": encoder.state_dict()}
@@ -234,10 +214,9 @@ def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sideca
     )
     assert module.speaker_mode == "encoder" and module.config.speaker_dim == 64
     before = [p.detach().clone() for p in module.discriminator.parameters()]
-    logger = AudioLogger()
-    trainer = cpu_trainer(
-        max_epochs=1, limit_val_batches=1, logger=logger, num_sanity_val_steps=0, default_root_dir=tmp_path
-    )
+    tables = []
+    monkeypatch.setattr(vocoder, "log_media_table", lambda trainer, key, rows: tables.append((key, rows)))
+    trainer = cpu_trainer(max_epochs=1, limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=datamodule(av_shards, unit_sidecar, train_batches_per_epoch=1))
     assert trainer.global_step == 2  # one batch: a discriminator and a generator step
     metrics = trainer.callback_metrics
@@ -245,8 +224,9 @@ def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sideca
         assert torch.isfinite(metrics[key]), key
     assert metrics["val/pesq_scored"] + metrics["val/pesq_failed"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, module.discriminator.parameters()))
-    (key, audios, kwargs) = logger.audio[0]
-    assert key == "val/audio" and kwargs["sample_rate"][0] == 16_000 and len(audios[0]) % SAMPLES_PER_UNIT == 0
+    (key, rows) = tables[0]
+    assert key == "val/audio" and set(rows[0]) == {"key", "generated", "reference"}
+    assert len(rows[0]["generated"]) % SAMPLES_PER_UNIT == 0
     checkpoint = tmp_path / "vocoder.ckpt"
     trainer.save_checkpoint(checkpoint)
     loaded = load_unit_vocoder(checkpoint)

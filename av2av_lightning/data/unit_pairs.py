@@ -5,6 +5,10 @@ split) and unit sidecars (`data_prep.units`); every ordered pair of languages of
 Source and target units may come from different sidecars, so evaluation can translate units extracted from
 AV, A or V input against reference target units from audio.
 
+Under DDP, training batches come from Lightning's `DistributedSampler` (padded, so every rank steps equally
+often); validation and test pairs are split over the ranks by `ExactlyOnceSampler`, which gives each pair to
+exactly one rank (the padded sampler would score some pairs twice), so the synced metrics are those of one process.
+
 Batches are `UnitPairBatch` (unit arrays and language names); the translation stage turns them into tokens with
 its own vocabulary, so a unit or language the model does not know fails there in one line.
 
@@ -29,14 +33,22 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from av2av_lightning.data.schema import SampleMeta
 from av2av_lightning.data.sidecar import Sidecar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UnitPair", "UnitPairBatch", "UnitPairDataModule", "UnitPairDataset", "collate_pairs", "join_pairs"]
+__all__ = [
+    "ExactlyOnceSampler",
+    "UnitPair",
+    "UnitPairBatch",
+    "UnitPairDataModule",
+    "UnitPairDataset",
+    "collate_pairs",
+    "join_pairs",
+]
 
 
 @dataclass
@@ -119,6 +131,28 @@ def collate_pairs(pairs: Sequence[UnitPair]) -> UnitPairBatch:
     )
 
 
+class ExactlyOnceSampler(DistributedSampler):
+    """Rank ``r`` of ``n`` reads the ``r``-th of ``n`` contiguous blocks of the dataset, with no padding: every
+    index exactly once over the ranks (block sizes differ by at most one). Contiguous blocks keep the pairs of a
+    sentence (all its directions) together on one rank. A `DistributedSampler`, so Lightning does not replace it."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        size = len(dataset)
+        self.start, self.stop = size * rank // num_replicas, size * (rank + 1) // num_replicas
+        self.num_samples = self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the initialised process group, or (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 class UnitPairDataModule(L.LightningDataModule):
     """Parallel unit pairs per split from shards (metadata only) and unit sidecars.
 
@@ -181,10 +215,13 @@ class UnitPairDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
+        world, rank = _world()
+        sampler = ExactlyOnceSampler(self.datasets[split], world, rank) if split != "train" and world > 1 else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.hparams.batch_size,
             shuffle=split == "train",
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_pairs,
             generator=torch.Generator().manual_seed(self.hparams.seed) if split == "train" else None,
