@@ -1,0 +1,263 @@
+"""Evaluate AV2AV outputs: ASR-BLEU (and chrF), speaker similarity and lip sync per translation direction.
+
+    python -m evaluation.av2av_eval --outputs runs/demo/translated --shards 'data/demo/sentences/test_unseen-*.tar' \\
+        --transcriber ctc:runs/asr/last.ckpt [--sync-expert SYNC.ckpt] [--speaker-encoder SPK.ckpt] --out runs/eval/av2av
+
+``--outputs`` is an ``av2av translate --shards`` folder (``index.jsonl`` + ``KEY.mp4``); ``--shards`` the split it
+was translated from. Each output is scored against the split's utterance of the same sentence (split and sentence
+id) in the target language: its text is the BLEU reference, and its own speech, transcribed by the same ASR, is
+the ceiling row (``reference``). With ``--speaker-encoder``: cosine similarity of each output's voice to its
+source speaker's own voice (on the reference row: the reference utterance's voice to the source voice). With
+``--sync-expert``: LSE-C / LSE-D of the output video, and of the reference video on the reference row.
+
+Written into ``--out``: ``av2av_eval.md`` / ``.csv`` (rows per direction and system, then ``all``), and the
+seeds' ``talking_face`` and ``voice`` tables (`evaluation.published_tables`) with what a translation can measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from av2av_lightning.data.schema import SampleMeta
+from av2av_lightning.metrics import MetricSuite, SyncExpert, Transcriber, build_suite
+from av2av_lightning.speaker_encoding import load_speaker_encoder
+from av2av_lightning.sync_expert import load_sync_expert
+from av2av_lightning.transcribers import build_transcriber
+from av2av_lightning.translate_cli import INDEX_NAME, iter_shard_clips
+from data_prep.clustering.kmeans import iter_metas
+from data_prep.converters.media import fit_audio, fit_frames, read_audio, read_face
+from evaluation.published_tables import talking_face_rows, voice_rows, write_published
+from evaluation.tables import Cell, write_table
+
+SYSTEMS = ("av2av", "reference")
+ALL = "all"
+# which published row a translation's video / voice belongs to, by the modality its units came from
+FACE_SETTING = {"video": "intra", "audio": "cross"}
+VOICE_SETTING = {"audio": "intra", "video": "cross"}
+NO_FRAME_REFERENCE = "a translation has no frame-aligned reference (needs same-language resynthesis)"
+
+Row = dict[str, Cell]
+
+
+@dataclass
+class Scorers:
+    """The models the evaluation runs: an ASR, and optionally a speaker encoder and a sync expert."""
+
+    transcriber: Transcriber
+    speaker_encoder: torch.nn.Module | None = None
+    sync_expert: SyncExpert | None = None
+
+    def suite(self) -> MetricSuite:
+        names = ["asr_bleu"] + ["speaker_similarity"] * bool(self.speaker_encoder) + ["lse"] * bool(self.sync_expert)
+        return build_suite(names, sync_expert=self.sync_expert)
+
+    @torch.inference_mode()
+    def embed(self, wave: np.ndarray | None) -> torch.Tensor | None:
+        if self.speaker_encoder is None or wave is None:
+            return None
+        return self.speaker_encoder.embed_utterance(torch.from_numpy(wave))[None]
+
+
+@dataclass
+class Speech:
+    """One utterance to score: its 16 kHz wave and 25 fps RGB face (None without video)."""
+
+    wave: np.ndarray
+    face: np.ndarray | None
+
+
+def load_index(outputs: Path) -> list[dict]:
+    index = Path(outputs) / INDEX_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: no such file; expected the folder of an 'av2av translate --shards' run")
+    return [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+
+
+def reference_keys(entries: list[dict], metas: dict[str, SampleMeta], index: str) -> dict[str, str | None]:
+    """Output key -> key of the split's utterance of the same sentence in the target language (None if none)."""
+    missing = [e["key"] for e in entries if e["key"] not in metas]
+    if missing:
+        raise ValueError(f"{index}: {len(missing)} output key(s) not in the shards (first: {missing[0]})")
+    by_sentence: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for meta in metas.values():
+        if meta.kind == "sentence":
+            by_sentence[(meta.split, meta.sentence_id, meta.lang)].append(meta.key)
+    refs = {}
+    for entry in entries:
+        meta = metas[entry["key"]]
+        keys = sorted(by_sentence.get((meta.split, meta.sentence_id, entry["tgt_lang"]), []))
+        refs[entry["key"]] = keys[0] if keys else None
+    return refs
+
+
+def has_video(path: Path) -> bool:
+    with av.open(str(path)) as container:
+        return bool(container.streams.video)
+
+
+def read_output(path: Path, frames: int, with_face: bool) -> Speech:
+    """An output MP4 as 640 samples per frame of speech and, when wanted and present, its frames."""
+    face = fit_frames(read_face(path), frames) if with_face and has_video(path) else None
+    return Speech(fit_audio(read_audio(path), frames), face)
+
+
+def read_split(shards, wanted: set[str], with_face: bool) -> dict[str, Speech]:
+    """The wanted samples of the split (speech, and faces when asked for); undecodable ones are left out."""
+    found = {}
+    for meta, clip in iter_shard_clips(shards):
+        if meta.key in wanted and not isinstance(clip, ValueError):
+            found[meta.key] = Speech(clip.wave, clip.face if with_face else None)
+    return found
+
+
+def update(suite: MetricSuite, scorers: Scorers, speech: Speech, text: str, lang: str, source: torch.Tensor | None):
+    """Score one utterance: its transcript against ``text``, its voice against the source's, its lip sync."""
+    transcript = scorers.transcriber([speech.wave], lang)
+    suite.update(
+        pred_text=transcript,
+        ref_text=[text],
+        pred_embedding=scorers.embed(speech.wave) if source is not None else None,
+        ref_embedding=source,
+        pred_video=None if speech.face is None else [speech.face],
+        pred_wave=None if speech.face is None else [speech.wave],
+    )
+
+
+def merge_suites(target: MetricSuite, source: MetricSuite) -> None:
+    """Add ``source``'s metric states to ``target``'s (same metrics): corpus scores over both."""
+    for name, metric in target.items(keep_base=True, copy_state=False):
+        metric.merge_state(source[name])
+        metric._update_count += source[name]._update_count  # merged updates count as updates (no compute warning)
+
+
+def evaluate(outputs: Path, shards, scorers: Scorers) -> list[Row]:
+    """Rows per direction (sorted) and system, then the ``all`` rows: utterances scored, failed translations,
+    outputs without a target-language reference, ASR-BLEU, chrF, speaker similarity and LSE-C/D."""
+    outputs = Path(outputs)
+    entries = load_index(outputs)
+    metas = {meta.key: meta for meta in iter_metas(shards)}
+    refs = reference_keys(entries, metas, str(outputs / INDEX_NAME))
+    with_face = scorers.sync_expert is not None
+    split = read_split(shards, {k for e in entries for k in (e["key"], refs[e["key"]]) if k}, with_face)
+    suites: dict[tuple[str, str], MetricSuite] = {}
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for entry in entries:
+        direction, ref = f"{entry['src_lang']}-{entry['tgt_lang']}", refs[entry["key"]]
+        if "error" in entry:
+            counts[direction]["failed"] += 1
+            continue
+        if ref is None or ref not in split:
+            counts[direction]["no_reference"] += 1
+            continue
+        source = scorers.embed(split[entry["key"]].wave) if entry["key"] in split else None
+        output = read_output(outputs / entry["output"], int(entry["frames"]), with_face)
+        text, lang = metas[ref].text, entry["tgt_lang"]
+        for system, speech in zip(SYSTEMS, (output, split[ref])):
+            update(suites.setdefault((direction, system), scorers.suite()), scorers, speech, text, lang, source)
+        counts[direction]["utterances"] += 1
+    if not suites:
+        raise ValueError(f"{outputs / INDEX_NAME}: no output could be scored ({dict(sum(counts.values(), Counter()))})")
+    directions = sorted(counts)
+    for system in SYSTEMS:
+        total = suites[(ALL, system)] = scorers.suite()
+        for direction in directions:
+            if (direction, system) in suites:
+                merge_suites(total, suites[(direction, system)])
+    counts[ALL] = sum((counts[d] for d in directions), Counter())
+    return [_row(d, s, counts[d], suites.get((d, s)), scorers) for d in [*directions, ALL] for s in SYSTEMS]
+
+
+def _row(direction: str, system: str, counts: Counter, suite: MetricSuite | None, scorers: Scorers) -> Row:
+    row: Row = {"direction": direction, "system": system, "utterances": counts["utterances"]}
+    row |= {"failed": counts["failed"], "no_reference": counts["no_reference"]}
+    scores = {k: float(v) for k, v in suite.compute().items()} if suite is not None else {}
+    scores = {k: v for k, v in scores.items() if not math.isnan(v)}  # e.g. LSE when no output had video
+    nothing = "n/a: no scored utterance"
+    row |= {key: scores.get(key, nothing) for key in ("asr_bleu", "asr_chrf")}
+    absent = {"speaker_similarity": "no --speaker-encoder", "lse_c": "no --sync-expert", "lse_d": "no --sync-expert"}
+    for key, reason in absent.items():
+        row[key] = scores.get(key, nothing) if key in _measured(scorers) else f"n/a: {reason}"
+    return row
+
+
+def _measured(scorers: Scorers) -> set[str]:
+    measured = {"speaker_similarity"} if scorers.speaker_encoder is not None else set()
+    return measured | ({"lse_c", "lse_d"} if scorers.sync_expert is not None else set())
+
+
+def published(rows: list[Row], inputs: set[str]) -> tuple[list[Row], list[Row]]:
+    """The talking-face and voice tables with what the translated outputs measure: LSE-C/D of the rendered faces
+    in the row of the modality the units came from; everything needing a frame-aligned reference is n/a."""
+    overall = next(r for r in rows if r["direction"] == ALL and r["system"] == "av2av")
+    if len(inputs) != 1:
+        reason = f"outputs from several inputs ({', '.join(sorted(inputs))})"
+        return talking_face_rows({"intra": reason, "cross": reason}), voice_rows({"intra": reason, "cross": reason})
+    (input,) = inputs
+    elsewhere = f"the outputs were translated from {input} units"
+    face = {
+        "psnr": NO_FRAME_REFERENCE,
+        "ssim": NO_FRAME_REFERENCE,
+        "lse_c": overall["lse_c"],
+        "lse_d": overall["lse_d"],
+        "word_accuracy": "needs a visual recogniser on the rendered faces",
+    }
+    voice = {key: NO_FRAME_REFERENCE for key in ("stoi", "estoi", "pesq")}
+    face_settings = {s: elsewhere for s in ("intra", "cross")}
+    voice_settings = dict(face_settings)
+    if input in FACE_SETTING:
+        face_settings[FACE_SETTING[input]] = face
+    if input in VOICE_SETTING:
+        voice_settings[VOICE_SETTING[input]] = voice
+    return talking_face_rows(face_settings), voice_rows(voice_settings)
+
+
+def load_scorers(args: argparse.Namespace) -> Scorers:
+    speaker = load_speaker_encoder(args.speaker_encoder) if args.speaker_encoder else None
+    expert = load_sync_expert(args.sync_expert) if args.sync_expert else None
+    return Scorers(build_transcriber(args.transcriber), speaker, expert)
+
+
+def run(args: argparse.Namespace, scorers: Scorers) -> str:
+    """Evaluate and write every table; returns the main table's Markdown."""
+    rows = evaluate(args.outputs, args.shards, scorers)
+    inputs = {e.get("input", "av") for e in load_index(args.outputs)}
+    face, voice = published(rows, inputs)
+    write_published(face, args.out, "talking_face")
+    write_published(voice, args.out, "voice")
+    return write_table(rows, args.out, "av2av_eval")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--outputs", required=True, type=Path, help="an 'av2av translate --shards' output folder")
+    parser.add_argument("--shards", required=True, nargs="+", help="shards of the split the outputs came from")
+    parser.add_argument("--transcriber", required=True, help="'ctc:CHECKPOINT' or 'whisper:MODEL_DIR'")
+    parser.add_argument("--sync-expert", type=Path, help="a SyncNet expert checkpoint (LSE-C/D)")
+    parser.add_argument("--speaker-encoder", type=Path, help="a speaker encoder checkpoint (speaker similarity)")
+    parser.add_argument("--out", required=True, type=Path, help="folder of the tables")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        load_index(args.outputs)  # bad input fails before any model loads
+        print(run(args, load_scorers(args)))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"av2av_eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
