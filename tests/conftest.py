@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import soundfile as sf
 from av2av_lightning.data.codecs import encode_audio, encode_video
 from av2av_lightning.data.schema import SAMPLE_RATE, SAMPLES_PER_FRAME, SampleMeta
 from av2av_lightning.data.shards import sample_record, write_shards
+
+# W&B never goes online in tests: wandb reads its mode once per process, so set it before any test runs
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
 
 
 def synthetic_audio(frames: int, rng: np.random.Generator) -> np.ndarray:

@@ -181,10 +181,8 @@ def test_unit_agreement_is_one_for_the_same_input_and_a_fraction_otherwise(train
 
 
 @pytest.mark.slow
-def test_command_writes_both_figures_and_the_tables(trained, pretrained, tmp_path, monkeypatch, capsys):
+def test_command_writes_both_figures_and_the_tables(trained, pretrained, tmp_path, capsys):
     path, shards = trained
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
     args = ["--checkpoint", str(path), "--baseline-checkpoint", str(path), "--pretrained", str(pretrained[1]),
             "--shards", *shards, "--out", str(tmp_path), "--k", "4", "--pairs", "3", "--wandb", "test"]  # fmt: skip
     assert analysis.main(args) == 0
