@@ -18,6 +18,7 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/av2av corpus build --preset demo --out $(DEMO_DIR) --workers $(WORKERS) --plot $(DEMO_DIR)/report/corpus.png
+	$(BIN)/python -m evaluation.demo --corpus $(DEMO_DIR) --runs runs/demo --report runs/demo/report $(DEMO_ARGS)
 
 test: install
 	$(BIN)/pytest -q

@@ -65,18 +65,29 @@ def iter_shard_clips(shards) -> Iterator[tuple[SampleMeta, SourceClip | ValueErr
 
 
 def translate_shards(
-    pipeline: AV2AVPipeline, shards, tgt_lang: str, out_dir: str | Path, input: str = "av", src_lang: str | None = None
+    pipeline: AV2AVPipeline,
+    shards,
+    tgt_lang: str,
+    out_dir: str | Path,
+    input: str = "av",
+    src_lang: str | None = None,
+    limit: int | None = None,
 ) -> Path:
-    """Translate every sample of ``shards`` not already in ``tgt_lang`` (only ``src_lang`` ones when given) and write
-    the outputs and ``index.jsonl`` into ``out_dir``; a sample that fails gets its error in the index."""
+    """Translate every sample of ``shards`` not already in ``tgt_lang`` (only ``src_lang`` ones when given; the first
+    ``limit`` of them when given) and write the outputs and ``index.jsonl`` into ``out_dir``; a sample that fails
+    gets its error in the index."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline.check_languages(*filter(None, (src_lang, tgt_lang)))
     index = out_dir / INDEX_NAME
+    written = 0
     with open(index, "w") as handle:
         for meta, clip in iter_shard_clips(shards):
             if meta.lang == tgt_lang or (src_lang and meta.lang != src_lang):
                 continue
+            if limit is not None and written >= limit:
+                break
+            written += 1
             entry = {"key": meta.key, "src_lang": meta.lang, "tgt_lang": tgt_lang, "input": input, "text": meta.text}
             try:
                 if isinstance(clip, ValueError):
@@ -104,7 +115,7 @@ def _translate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{args.input}: no such input file")  # before loading every stage
     pipeline = _pipeline(args)
     if args.shards:
-        index = translate_shards(pipeline, args.shards, args.tgt, args.out, args.input_modality, args.src)
+        index = translate_shards(pipeline, args.shards, args.tgt, args.out, args.input_modality, args.src, args.limit)
         entries = [json.loads(line) for line in index.read_text().splitlines()]
         failed = sum("error" in e for e in entries)
         print(f"{index}: {len(entries) - failed} translated, {failed} failed ({args.src or 'any'} -> {args.tgt})")
@@ -132,6 +143,7 @@ def add_arguments(commands) -> None:
     parser.add_argument("--tgt", required=True, help="target language")
     parser.add_argument("--input-modality", choices=INPUTS, default="av", help="what the encoder sees")
     parser.add_argument("--out", required=True, type=Path, help="output MP4 (batch mode: output folder)")
+    parser.add_argument("--limit", type=int, help="batch mode: translate at most this many samples")
     parser.add_argument("--beam-size", type=int, help="override the pipeline's beam size (1: greedy)")
     parser.add_argument("--max-seconds", type=float, help="override the pipeline's longest accepted clip")
     parser.add_argument("--device", help="override the pipeline's device (cpu, cuda)")

@@ -1,0 +1,191 @@
+"""The demo stage runner: order, make-like caching, --force / --only, one-line failures, the report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.demo import Stage, StageError, demo_stages, is_cached, main, run_demo
+
+# a fake stage: appends its name to the journal, then writes each output (a CSV log when it ends in .csv)
+SCRIPT = """
+import sys, pathlib
+name, journal, *outputs = sys.argv[1:]
+with open(journal, "a") as handle:
+    handle.write(name + "\\n")
+for output in map(pathlib.Path, outputs):
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows = "epoch,step,train/loss,val/acc\\n0,0,2.0,\\n0,5,1.5,\\n0,9,1.0,\\n0,9,,0.75\\n"
+    output.write_text(rows if output.suffix == ".csv" else name)
+"""
+
+
+def fake_stage(tmp_path: Path, name: str, inputs: list[Path], log: bool = False) -> Stage:
+    outputs = [tmp_path / "runs" / name / "out.txt"]
+    csv = tmp_path / "runs" / name / "logs" / "metrics.csv" if log else None
+    command = [sys.executable, "-c", SCRIPT, name, str(tmp_path / "journal"), *map(str, outputs)]
+    return Stage(name, command + ([str(csv)] if csv else []), outputs, inputs, ("val/acc",), csv)
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+    """Three chained fake stages: source.txt -> a -> b -> c (c logs a CSV)."""
+    source = tmp_path / "source.txt"
+    source.write_text("corpus")
+    a = fake_stage(tmp_path, "a", [source])
+    b = fake_stage(tmp_path, "b", [a.outputs[0]])
+    c = fake_stage(tmp_path, "c", [b.outputs[0]], log=True)
+    return [a, b, c], source
+
+
+def journal(tmp_path: Path) -> list[str]:
+    path = tmp_path / "journal"
+    names = path.read_text().split() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return names
+
+
+def age(paths: list[Path], seconds: float) -> None:
+    """Move modification times back, so that a later write is newer without sleeping."""
+    for path in paths:
+        stat = path.stat()
+        os.utime(path, (stat.st_atime - seconds, stat.st_mtime - seconds))
+
+
+def run(tmp_path, stages, **kwargs) -> Path:
+    return run_demo(stages, tmp_path / "runs", tmp_path / "report", **kwargs)
+
+
+def test_stages_run_in_order_then_are_cached(tmp_path, pipeline):
+    stages, _ = pipeline
+    run(tmp_path, stages)
+    assert journal(tmp_path) == ["a", "b", "c"]
+    assert all(is_cached(stage) for stage in stages)
+    run(tmp_path, stages)
+    assert journal(tmp_path) == []
+
+
+def test_a_newer_input_reruns_its_stage_and_those_after_it(tmp_path, pipeline):
+    stages, source = pipeline
+    run(tmp_path, stages)
+    journal(tmp_path)
+    age([out for stage in stages for out in stage.outputs], 100)
+    age([stages[0].outputs[0]], 100)  # a is older than its input; b and c still newer than theirs
+    assert [is_cached(stage) for stage in stages] == [False, True, True]
+    run(tmp_path, stages)
+    assert journal(tmp_path) == ["a", "b", "c"]  # a's new output made b stale, and b's made c stale
+
+
+def test_a_missing_output_reruns_the_stage(tmp_path, pipeline):
+    stages, _ = pipeline
+    run(tmp_path, stages)
+    journal(tmp_path)
+    stages[2].outputs[0].unlink()
+    run(tmp_path, stages)
+    assert journal(tmp_path) == ["c"]
+
+
+def test_force_and_only(tmp_path, pipeline):
+    stages, _ = pipeline
+    run(tmp_path, stages, only=["a"])
+    assert journal(tmp_path) == ["a"]
+    assert not stages[1].outputs[0].exists()
+    run(tmp_path, stages)
+    assert journal(tmp_path) == ["b", "c"]
+    run(tmp_path, stages, force=["b"])
+    assert journal(tmp_path) == ["b", "c"]  # forced b is newer than c's output: c reruns as make would
+    run(tmp_path, stages, force=[])  # --force without names: every stage
+    assert journal(tmp_path) == ["a", "b", "c"]
+    run(tmp_path, stages, force=["a"], only=["a"])
+    assert journal(tmp_path) == ["a"]
+    with pytest.raises(ValueError, match="--only: unknown stage 'z'; stages: a, b, c"):
+        run(tmp_path, stages, only=["z"])
+
+
+def test_a_failing_stage_stops_the_demo_with_one_line(tmp_path, pipeline):
+    stages, _ = pipeline
+    code = (
+        "import sys; print('loading'); print('ValueError: k=50 needs 50 frames, got 7', file=sys.stderr); sys.exit(2)"
+    )
+    broken = Stage("broken", [sys.executable, "-c", code], [tmp_path / "never.txt"])
+    with pytest.raises(StageError) as error:
+        run(tmp_path, [stages[0], broken, stages[1]])
+    message = str(error.value)
+    log = tmp_path / "runs" / "logs" / "broken.log"
+    assert message == f"stage 'broken' failed (k=50 needs 50 frames, got 7); log: {log}"
+    assert "loading" in log.read_text()
+    assert journal(tmp_path) == ["a"]  # the stage after it did not run
+
+
+def test_a_stage_that_writes_nothing_fails(tmp_path):
+    silent = Stage("silent", [sys.executable, "-c", "pass"], [tmp_path / "expected.txt"])
+    with pytest.raises(StageError, match=r"stage 'silent' did not write .*expected.txt; log: "):
+        run(tmp_path, [silent])
+
+
+def test_report_table_times_and_curves(tmp_path, pipeline):
+    stages, _ = pipeline
+    run(tmp_path, stages)
+    stages[2].outputs[0].unlink()
+    readme = run(tmp_path, stages, only=["a"])  # cached and skipped stages keep their last times and metrics
+    text = readme.read_text()
+    assert "| stage | status | wall time (s) | metric | value |" in text
+    assert "| a | cached |" in text and "| b | cached |" in text
+    assert "| c | not run |" in text and "| val/acc | 0.7500 |" in text
+    times = (tmp_path / "runs" / "stage_times.json").read_text()
+    assert all(f'"{name}"' in times for name in "abc")
+    png = tmp_path / "report" / "curves.png"
+    assert "curves.png" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "stages.csv").exists()
+
+
+def test_main_without_a_corpus_is_one_line(tmp_path, capsys):
+    assert main(["--corpus", str(tmp_path / "nothing"), "--runs", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing: no corpus manifest.json" in err
+
+
+def test_demo_stage_list_chains_outputs_to_inputs(tmp_path):
+    """Every input under the runs folder is an output of an earlier stage; every fit config exists."""
+    (tmp_path / "corpus").mkdir()
+    stages = demo_stages(tmp_path / "corpus", tmp_path / "runs")
+    made: set[Path] = set()
+    for stage in stages:
+        for path in stage.inputs:
+            if str(path).startswith(str(tmp_path / "runs")):
+                assert path in made, f"{stage.name} reads {path} before any stage writes it"
+        made.update(stage.outputs)
+    configs = list((tmp_path / "runs" / "configs").glob("*.yaml"))
+    fits = sum("fit" in stage.command for stage in stages)
+    assert fits > 5 and len(configs) == fits + 1  # and the pipeline config of the translate stage
+    assert all("data/demo" not in path.read_text() and "runs/demo" not in path.read_text() for path in configs)
+
+
+@pytest.mark.slow
+def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatch):
+    """MFCC targets -> pretraining -> units on the tiny corpus, with a few steps: the configs chain."""
+    corpus, _ = tiny_corpus
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fit_args = [
+        "--trainer.max_epochs",
+        "1",
+        "--data.train_batches_per_epoch",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--data.num_workers",
+        "0",
+    ]
+    stages = demo_stages(corpus, tmp_path / "runs", fit_args, train="train-*.tar")[:3]
+    assert [stage.name for stage in stages] == ["targets", "pretrain", "units"]
+    readme = run(tmp_path, stages)
+    assert all(path.exists() for stage in stages for path in stage.outputs)
+    text = readme.read_text()
+    assert "| targets | ran |" in text and "| units | ran |" in text
+    assert "| pretrain | ran |" in text and "val/acc_masked_av" in text
+    assert (tmp_path / "report" / "curves.png").exists()
