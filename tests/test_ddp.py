@@ -105,22 +105,27 @@ def corpus_labels(tiny_corpus, tmp_path_factory):
     return splits["train"], splits["valid"], {"km": [str(paths["train"]), str(paths["valid"])]}
 
 
+def ddp_trainer(out: Path, **trainer) -> dict:
+    """Trainer settings of a quiet 2-process gloo DDP run on the CPU."""
+    return {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": str(out),
+        **trainer,
+    }
+
+
 def config(corpus_labels, out: Path, encoder: dict, **trainer) -> dict:
     train, valid, sidecars = corpus_labels
     return {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp",
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(out),
-            **trainer,
-        },
+        "trainer": ddp_trainer(out, **trainer),
         "model": {
             "class_path": "av2av_lightning.pretraining.AVHubertPretraining",
             "init_args": {"preset": "tiny", "encoder": {**SMALL, **encoder}, "labels": ["km"], "warmup_steps": 2},

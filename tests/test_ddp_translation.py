@@ -119,20 +119,11 @@ def unit_data(tmp_path_factory) -> dict:
 
 
 def config(unit_data: dict, out: Path, **trainer) -> dict:
+    from test_ddp import ddp_trainer  # imported here: the DDP ranks import this module without tests/ on the path
+
     return {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp",
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
-            "default_root_dir": str(out),
-            **trainer,
-        },
+        "trainer": ddp_trainer(out, **trainer),
         "model": {
             "class_path": "av2av_lightning.translation.UnitTranslation",
             "init_args": {"preset": "tiny", "translator": TRANSLATOR, "lr": 3e-3, "warmup_steps": 2, "beam_size": 2},

@@ -236,13 +236,18 @@ class PeriodDiscriminator(nn.Module):
         pad = (-wave.shape[-1]) % self.period
         x = F.pad(wave[:, None], (0, pad), mode="reflect" if pad < wave.shape[-1] else "constant")
         x = x.view(x.shape[0], 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.post(x)
+        return _score_with_features(self.convs, self.post, x)
+
+
+def _score_with_features(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """A discriminator's flattened scores and every layer's output (the feature-matching loss compares them)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
         features.append(x)
-        return x.flatten(1), features
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
 
 
 class ScaleDiscriminator(nn.Module):
@@ -261,13 +266,7 @@ class ScaleDiscriminator(nn.Module):
 
     def forward(self, wave: Tensor) -> tuple[Tensor, list[Tensor]]:
         x = wave[:, None]
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _score_with_features(self.convs, self.post, x)
 
 
 class HiFiGANDiscriminator(nn.Module):
