@@ -26,7 +26,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as err:
+        # torch.load's error on a file that is no checkpoint at all depends on its first bytes
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a loadable checkpoint ({first_line})") from None
     if not isinstance(checkpoint, dict):

@@ -111,23 +111,18 @@ KNOWN_GAPS = [
         "resume-text-file",
         "fit --config {mutual_yaml} --ckpt_path {garbage_ckpt}",
         ["garbage.ckpt", "not a loadable checkpoint"],
-        marks=pytest.mark.xfail(strict=True, raises=KeyError, reason="checkpoints.load_checkpoint lets KeyError out"),
         id="resume-text-file",
     ),
     pytest.param(
         "cluster-quality-wrong-format",
         "cluster quality --shards {nowhere}/s.tar --labels {garbage_npz}",
         ["garbage.npz"],
-        marks=pytest.mark.xfail(strict=True, reason="sidecar.Sidecar.load's error does not name the file"),
         id="cluster-quality-wrong-format",
     ),
     pytest.param(
         "fit-unknown-language",
         "fit --config {mutual_yaml} --data.languages [xx]",
         ["xx"],
-        marks=pytest.mark.xfail(
-            strict=True, raises=RuntimeError, reason="no check of data.languages; pipeline raises RuntimeError"
-        ),
         id="fit-unknown-language",
     ),
 ]

@@ -347,7 +347,7 @@ def test_training_edge_cases(av_shards):
     assert len(list(AVDataLoader(dataset, num_workers=2))) == 1
     # Filters that exclude everything fail loudly instead of resampling forever.
     hopeless = AVShardDataset(av_shards.pattern, train=True, max_frames=BUDGET, batches_per_epoch=2, languages=["de"])
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(ValueError, match="no usable sample"):
         next(iter(hopeless))
     with pytest.raises(ValueError, match="batches_per_epoch"):
         AVShardDataset(av_shards.pattern, train=True)

@@ -69,11 +69,6 @@ def test_decode_video_raises_only_corrupt_sample(data, gray):
         assert frames.dtype == np.uint8 and len(frames) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="data_prep/converters/media.py _open lets PyAV's UnicodeDecodeError (non-UTF-8 metadata) through",
-)
 @FAST
 @given(mangled(MP4))
 @example(BAD_BRAND)
@@ -103,7 +98,6 @@ def test_sample_metadata_raises_only_schema_error(record):
         assert "shard:key" in str(err)
 
 
-@pytest.mark.xfail(strict=True, reason="schema.SampleMeta.from_json lets OverflowError/TypeError through")
 @pytest.mark.parametrize("bad", [{"num_frames": float("inf")}, {"words": [1]}, {"phonemes": [None]}])
 def test_metadata_with_bad_numbers_or_timings_is_a_schema_error(bad):
     record = {"key": "k", "lang": "en", "speaker": "s", "text": "t", "num_frames": 3, **bad}

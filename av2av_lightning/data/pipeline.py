@@ -383,7 +383,7 @@ class AVShardDataset(IterableDataset):
                 raw = next(stream, None)
                 if raw is None:
                     if state.shards_opened - opened_at_last_sample > limit:
-                        raise RuntimeError(
+                        raise ValueError(  # a bad filter or unusable data: the input is wrong, not the code
                             f"no usable sample in {limit} shards of {self.pattern!r} "
                             f"(filters kinds={self.kinds}, languages={self.languages}; skipped {dict(state.skipped)})"
                         )

@@ -71,7 +71,7 @@ class SampleMeta:
             raise SchemaError(f"{source}: kind must be one of {KINDS}, got {record.get('kind')!r}")
         try:
             num_frames = int(record["num_frames"])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise SchemaError(f"{source}: num_frames must be an integer, got {record['num_frames']!r}") from None
         if num_frames <= 0:
             raise SchemaError(f"{source}: num_frames must be positive, got {num_frames}")
@@ -79,9 +79,20 @@ class SampleMeta:
         known["num_frames"] = num_frames
         known.setdefault("split", "")
         known.setdefault("sentence_id", known["key"])
-        known["phonemes"] = [tuple(t) for t in known.get("phonemes", [])]
-        known["words"] = [tuple(t) for t in known.get("words", [])]
+        for name in ("phonemes", "words"):
+            known[name] = _timings(known.get(name, []), name, source)
         return cls(**known)
+
+
+def _timings(items, name: str, source: str) -> list[tuple]:
+    """``[[label, start, end], ...]`` as tuples; anything else is a `SchemaError` naming the field."""
+    try:
+        timings = [tuple(item) for item in items]
+    except TypeError:
+        raise SchemaError(f"{source}: {name} must be a list of [label, start, end], got {items!r}") from None
+    if any(len(t) != 3 or not all(isinstance(x, (int, float)) for x in t[1:]) for t in timings):
+        raise SchemaError(f"{source}: {name} must be a list of [label, start, end], got {items!r}")
+    return timings
 
 
 @dataclass

@@ -163,7 +163,13 @@ class Sidecar(Mapping[str, np.ndarray]):
             path = path.with_name(path.name + ".npz")
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such sidecar file")
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a sidecar .npz file ({err})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: not a sidecar .npz file (a plain .npy array)")
+        with data:
             missing = {"header", "keys", "offsets", "values"} - set(data.files)
             if missing:
                 raise ValueError(f"{path}: not a sidecar (lacks {', '.join(sorted(missing))})")

@@ -86,7 +86,7 @@ def _open(path: Path):
         raise MediaError(f"{path}: no such file")
     try:
         return av.open(str(path))
-    except av.FFmpegError as err:
+    except (av.FFmpegError, UnicodeDecodeError) as err:  # PyAV decodes container metadata as UTF-8
         raise MediaError(f"{path}: unreadable media file ({err})") from None
 
 
