@@ -264,7 +264,7 @@ class Translation:
         }
 
 
-class _Timer:
+class StageTimer:
     """Seconds per stage, added up under a name."""
 
     def __init__(self) -> None:
@@ -424,7 +424,7 @@ class AV2AVPipeline:
         self.check_languages(src_lang, tgt_lang)
         if src_lang == tgt_lang:
             raise ValueError(f"source and target language are both {src_lang!r}")
-        timer = _Timer()
+        timer = StageTimer()
         with timer("input"):
             if isinstance(clip, SourceClip):
                 clip.check(input, self.config.max_seconds)

@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--plot", metavar="PNG", help="also draw durations and one utterance's lips against its sound")
     stats.set_defaults(handler=_corpus_stats)
 
+    from av2av_lightning.synthesize_cli import add_arguments as add_synthesize_arguments
     from av2av_lightning.translate_cli import add_arguments as add_translate_arguments
     from data_prep.clustering.cli import add_arguments as add_cluster_arguments
     from data_prep.converters.cli import add_arguments as add_converter_arguments
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_vocab_arguments(commands)
     add_unit_arguments(commands)
     add_translate_arguments(commands)
+    add_synthesize_arguments(commands)
     return parser
 
 

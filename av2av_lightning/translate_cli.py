@@ -102,7 +102,8 @@ def translate_shards(
     return index
 
 
-def _pipeline(args: argparse.Namespace) -> AV2AVPipeline:
+def load_pipeline(args: argparse.Namespace) -> AV2AVPipeline:
+    """The pipeline of ``--pipeline`` with the command line's overrides (beam size, longest clip, device)."""
     overrides = {"beam_size": args.beam_size, "max_seconds": args.max_seconds, "device": args.device}
     config = replace(PipelineConfig.from_yaml(args.pipeline), **{k: v for k, v in overrides.items() if v is not None})
     return AV2AVPipeline(config)
@@ -113,7 +114,7 @@ def _translate(args: argparse.Namespace) -> None:
         raise ValueError("give either --input (one clip) or --shards (a split), not both")
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")  # before loading every stage
-    pipeline = _pipeline(args)
+    pipeline = load_pipeline(args)
     if args.shards:
         index = translate_shards(pipeline, args.shards, args.tgt, args.out, args.input_modality, args.src, args.limit)
         entries = [json.loads(line) for line in index.read_text().splitlines()]
