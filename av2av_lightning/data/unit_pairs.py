@@ -5,9 +5,13 @@ split) and unit sidecars (`data_prep.units`); every ordered pair of languages of
 Source and target units may come from different sidecars, so evaluation can translate units extracted from
 AV, A or V input against reference target units from audio.
 
-Under DDP, training batches come from Lightning's `DistributedSampler` (padded, so every rank steps equally
-often); validation and test pairs are split over the ranks by `ExactlyOnceSampler`, which gives each pair to
-exactly one rank (the padded sampler would score some pairs twice), so the synced metrics are those of one process.
+Training batches come from a `DistributedSampler` of this module's own (one replica outside DDP; padded, so
+every rank steps equally often) whose order is a function of (seed, epoch) alone: Lightning calls its ``set_epoch``
+at every epoch start, and `LazyLoader` draws a pass's indices only then, so a run resumed from a checkpoint
+shuffles each later epoch as the uninterrupted run did (a generator seeded once would restart the sequence of
+orders on resume). Validation and test pairs are split over
+the ranks by `ExactlyOnceSampler`, which gives each pair to exactly one rank (the padded sampler would score
+some pairs twice), so the synced metrics are those of one process.
 
 Batches are `UnitPairBatch` (unit arrays and language names); the translation stage turns them into tokens with
 its own vocabulary, so a unit or language the model does not know fails there in one line.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ExactlyOnceSampler",
+    "LazyLoader",
     "UnitPair",
     "UnitPairBatch",
     "UnitPairDataModule",
@@ -146,6 +151,18 @@ class ExactlyOnceSampler(DistributedSampler):
         return iter(range(self.start, self.stop))
 
 
+class LazyLoader(DataLoader):
+    """A `DataLoader` whose pass (worker processes, the sampler's indices) starts at its first batch, not at ``iter()``.
+
+    Lightning calls ``iter()`` on the training loader before it restores a checkpoint (for the estimated number of
+    steps) and before the epoch's ``set_epoch``, and reuses that iterator for the first epoch of a resumed run;
+    workers would draw their first indices at once, from epoch 0's order.
+    """
+
+    def __iter__(self) -> Iterator[UnitPairBatch]:
+        yield from super().__iter__()
+
+
 def _world() -> tuple[int, int]:
     """(world size, rank) of the initialised process group, or (1, 0)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -164,7 +181,7 @@ class UnitPairDataModule(L.LightningDataModule):
         languages: keep only these languages (None: all).
         batch_size: sentence pairs per batch.
         num_workers: DataLoader worker processes.
-        seed: of the training shuffle.
+        seed: of the training shuffle (each epoch's order is drawn from seed + epoch).
     """
 
     def __init__(
@@ -212,26 +229,27 @@ class UnitPairDataModule(L.LightningDataModule):
             if self.sources[split][0] is not None and split not in self.datasets:
                 self.datasets[split] = self.build_dataset(split)
 
-    def _loader(self, split: str) -> DataLoader:
+    def _loader(self, split: str) -> LazyLoader:
         if split not in self.datasets:
             self.datasets[split] = self.build_dataset(split)
-        world, rank = _world()
-        sampler = ExactlyOnceSampler(self.datasets[split], world, rank) if split != "train" and world > 1 else None
-        return DataLoader(
-            self.datasets[split],
+        dataset, (world, rank) = self.datasets[split], _world()
+        if split == "train":
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        else:
+            sampler = ExactlyOnceSampler(dataset, world, rank) if world > 1 else None
+        return LazyLoader(
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=split == "train",
             sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_pairs,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if split == "train" else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> LazyLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> LazyLoader | list:
         return self._loader("val") if self.sources["val"][0] is not None else []
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> LazyLoader:
         return self._loader("test")
