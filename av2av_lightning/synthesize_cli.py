@@ -12,7 +12,7 @@ from pathlib import Path
 
 from av2av_lightning.av2av import INPUTS
 from av2av_lightning.synthesis import OUTPUTS, synthesize
-from av2av_lightning.translate_cli import load_pipeline, save_translation
+from av2av_lightning.translate_cli import load_pipeline, save_and_report
 
 __all__ = ["add_arguments"]
 
@@ -29,12 +29,7 @@ def _synthesize(args: argparse.Namespace) -> None:
         "content_from": args.content_from,
         "output_modality": args.output,
     }
-    mp4, sidecar = save_translation(result, args.out, extra)
-    stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.seconds.items())
-    video = f"{result.num_frames} frames" if result.face is not None else "speech only"
-    print(f"{mp4}: {len(result.units)} units, {len(result.wave) / 16000:.2f} s, {video}; {stages} (units in {sidecar})")
-    if result.transcript is not None:
-        print(f"transcript: {result.transcript}")
+    save_and_report(result, args.out, extra)
 
 
 def add_arguments(commands) -> None:

@@ -124,7 +124,12 @@ def _translate(args: argparse.Namespace) -> None:
     if args.src is None:
         raise ValueError("--src is required with --input (the language spoken in the clip)")
     result = pipeline.translate(args.input, args.src, args.tgt, args.input_modality)
-    mp4, sidecar = save_translation(result, args.out, {"input_file": str(args.input)})
+    save_and_report(result, args.out, {"input_file": str(args.input)})
+
+
+def save_and_report(result, out: Path, extra: dict) -> None:
+    """Write the MP4 and its JSON, and print one line of what came out and where the time went."""
+    mp4, sidecar = save_translation(result, out, extra)
     stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.seconds.items())
     video = f"{result.num_frames} frames" if result.face is not None else "speech only"
     print(f"{mp4}: {len(result.units)} units, {len(result.wave) / 16000:.2f} s, {video}; {stages} (units in {sidecar})")
