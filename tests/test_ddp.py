@@ -38,30 +38,24 @@ DETERMINISTIC = {
 SWEPT_LR = 0.00123
 
 
-class RankRecorder(L.Callback):
-    """Saves what this rank saw to ``out/rank{r}.pt``: training batches per epoch, the keys of the last validation,
-    the local (unsynced) state of the audio-visual masked accuracy, the logged (synced) validation metrics, the
-    module's hparams, and for the first step its batch, the weights before it and the all-reduced gradients.
+class StepRecorder(L.Callback):
+    """Saves what this rank saw to ``out/rank{r}.pt`` at the end of fit: training batches per epoch, the logged
+    (synced) validation metrics, and for the first step its batch (`describe_batch`), the weights before it and the
+    all-reduced gradients. The translation DDP test records its own batches with a subclass."""
 
-    ``freeze_batchnorm``: BatchNorm in eval mode, since per-rank batch statistics differ from the whole batch's
-    (no SyncBatchNorm on the CPU)."""
-
-    def __init__(self, out: str, freeze_batchnorm: bool = False) -> None:
+    def __init__(self, out: str) -> None:
         self.out = Path(out)
-        self.freeze_batchnorm = freeze_batchnorm
-        self.record: dict = {"train_batches": [], "val_keys": []}
+        self.record: dict = {"train_batches": []}
+
+    def describe_batch(self, batch) -> dict:
+        raise NotImplementedError  # the inputs of the first step, as the subclass's stage batches them
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.record["train_batches"].append(0)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if self.freeze_batchnorm:
-            for layer in module.modules():
-                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-                    layer.eval()
         if "first_batch" not in self.record:
-            fields = {"audio": batch.audio, "video": batch.video, "padding_mask": batch.padding_mask}
-            self.record["first_batch"] = {**fields, "km": batch.labels["km"]}
+            self.record["first_batch"] = self.describe_batch(batch)
             self.record["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
@@ -71,6 +65,43 @@ class RankRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.record["train_batches"][-1] += 1
+
+    def on_validation_end(self, trainer, module) -> None:
+        metrics = trainer.callback_metrics
+        self.record["logged"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.record.update(rank=trainer.global_rank, world_size=trainer.world_size)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class RankRecorder(StepRecorder):
+    """Pretraining: also the keys of the last validation, the local (unsynced) state of the audio-visual masked
+    accuracy and the module's learning rate.
+
+    ``freeze_batchnorm``: BatchNorm in eval mode, since per-rank batch statistics differ from the whole batch's
+    (no SyncBatchNorm on the CPU)."""
+
+    def __init__(self, out: str, freeze_batchnorm: bool = False) -> None:
+        super().__init__(out)
+        self.freeze_batchnorm = freeze_batchnorm
+        self.record["val_keys"] = []
+
+    def describe_batch(self, batch) -> dict:
+        return {
+            "audio": batch.audio,
+            "video": batch.video,
+            "padding_mask": batch.padding_mask,
+            "km": batch.labels["km"],
+        }
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.freeze_batchnorm:
+            for layer in module.modules():
+                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer, module) -> None:
         self.record["val_keys"] = []
@@ -83,14 +114,9 @@ class RankRecorder(L.Callback):
         accuracy = module.accuracy["av"]
         self.record["accuracy_state"] = (float(accuracy.mean_value), float(accuracy.weight))
 
-    def on_validation_end(self, trainer, module) -> None:
-        metrics = trainer.callback_metrics
-        self.record["logged"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
-
     def on_fit_end(self, trainer, module) -> None:
-        self.record.update(rank=trainer.global_rank, world_size=trainer.world_size, lr=float(module.hparams.lr))
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.record, self.out / f"rank{trainer.global_rank}.pt")
+        self.record["lr"] = float(module.hparams.lr)
+        super().on_fit_end(trainer, module)
 
 
 @pytest.fixture(scope="module")

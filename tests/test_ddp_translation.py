@@ -19,6 +19,7 @@ from av2av_lightning.data.shards import write_shards
 from av2av_lightning.data.sidecar import Sidecar, SidecarWriter
 from av2av_lightning.data.unit_pairs import ExactlyOnceSampler, UnitPairBatch, UnitPairDataModule
 from av2av_lightning.translation import UnitTranslation
+from tests.test_ddp import StepRecorder
 
 UNITS = 12
 LANGUAGES = ("en", "es", "fr")
@@ -26,36 +27,21 @@ TRANSLATOR = {"num_units": UNITS, "languages": list(LANGUAGES), "dim": 32, "ffn_
 TRANSLATOR |= {"encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0, "attention_dropout": 0.0}
 
 
-class TranslationRecorder(L.Callback):
-    """Saves to ``out/rank{r}.pt``: training batches per epoch, the pairs of the last validation (sentence id and
-    direction), its logged metrics and the weights it ran with, and the first step's batch (units as lists),
-    weights before it and all-reduced gradients."""
+class TranslationRecorder(StepRecorder):
+    """Also the pairs of the last validation (sentence id and direction) and the weights it ran with."""
 
     def __init__(self, out: str) -> None:
-        self.out = Path(out)
-        self.record: dict = {"train_batches": [], "val_pairs": []}
+        super().__init__(out)
+        self.record["val_pairs"] = []
 
-    def on_train_epoch_start(self, trainer, module) -> None:
-        self.record["train_batches"].append(0)
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if "first_batch" not in self.record:
-            self.record["first_batch"] = {
-                "src_units": [u.tolist() for u in batch.src_units],
-                "tgt_units": [u.tolist() for u in batch.tgt_units],
-                "src_langs": list(batch.src_langs),
-                "tgt_langs": list(batch.tgt_langs),
-                "sentence_ids": list(batch.sentence_ids),
-            }
-            self.record["weights"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        if "gradients" not in self.record:
-            grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
-            self.record["gradients"] = grads
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.record["train_batches"][-1] += 1
+    def describe_batch(self, batch) -> dict:
+        return {
+            "src_units": [u.tolist() for u in batch.src_units],
+            "tgt_units": [u.tolist() for u in batch.tgt_units],
+            "src_langs": list(batch.src_langs),
+            "tgt_langs": list(batch.tgt_langs),
+            "sentence_ids": list(batch.sentence_ids),
+        }
 
     def on_validation_epoch_start(self, trainer, module) -> None:
         self.record["val_pairs"] = []
@@ -64,15 +50,6 @@ class TranslationRecorder(L.Callback):
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
         directions = [f"{s}-{t}" for s, t in zip(batch.src_langs, batch.tgt_langs)]
         self.record["val_pairs"] += [f"{i}:{d}" for i, d in zip(batch.sentence_ids, directions)]
-
-    def on_validation_end(self, trainer, module) -> None:
-        metrics = trainer.callback_metrics
-        self.record["logged"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
-
-    def on_fit_end(self, trainer, module) -> None:
-        self.record.update(rank=trainer.global_rank, world_size=trainer.world_size)
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.record, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def write_split(folder: Path, name: str, sentences: dict[str, tuple[str, ...]], rng) -> tuple[list[str], Path]:
