@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ DETERMINISTIC = {
 SWEPT_LR = 0.00123
 
 
-class StepRecorder(L.Callback):
+class StepRecorder(L.Callback, ABC):
     """Saves what this rank saw to ``out/rank{r}.pt`` at the end of fit: training batches per epoch, the logged
     (synced) validation metrics, and for the first step its batch (`describe_batch`), the weights before it and the
     all-reduced gradients. The translation DDP test records its own batches with a subclass."""
@@ -47,8 +48,9 @@ class StepRecorder(L.Callback):
         self.out = Path(out)
         self.record: dict = {"train_batches": []}
 
+    @abstractmethod
     def describe_batch(self, batch) -> dict:
-        raise NotImplementedError  # the inputs of the first step, as the subclass's stage batches them
+        """The inputs of the first step, as the subclass's stage batches them."""
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self.record["train_batches"].append(0)

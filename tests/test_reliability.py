@@ -182,18 +182,18 @@ def stage_configs(tiny_corpus, tmp_path_factory):
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretraining", "mutual_learning"])
-def test_sigkill_mid_epoch_then_resume_gives_the_same_weights_and_metrics(stage_configs, stage, tmp_path):
+def kill_then_resume(config_of, tmp_path: Path) -> tuple[Path, Path, Path, dict]:
+    """An uninterrupted run and a run SIGKILLed at step 6 (mid-epoch 1 of 4-step epochs) side by side, then the
+    killed one resumed with ``--ckpt_path last``: (straight root, killed root, resumed config, start checkpoint)."""
     (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    config = write_yaml(tmp_path / "run.yaml", stage_configs[stage](straight))
-    resumed_config = stage_configs[stage](killed)
+    config = write_yaml(tmp_path / "run.yaml", config_of(straight))
+    resumed_config = config_of(killed)
     resumed = write_yaml(tmp_path / "resumed.yaml", resumed_config)
     resumed_config["trainer"]["callbacks"].append({"class_path": "killer.KillAt", "init_args": {"step": 6}})
     doomed = write_yaml(tmp_path / "doomed.yaml", resumed_config)
 
-    # Uninterrupted and doomed runs side by side (one core each); the doomed one dies mid-epoch 1 (step 6 of 5..8).
+    # one core each
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "av2av_lightning", "fit", "--config"]
     procs = [subprocess.Popen([*command, str(c)], env=env, stderr=subprocess.PIPE, text=True) for c in (config, doomed)]
@@ -205,7 +205,13 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights_and_metrics(stage_
 
     result = run_av2av("fit", "--config", str(resumed), "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
+    return straight, killed, resumed, start
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretraining", "mutual_learning"])
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights_and_metrics(stage_configs, stage, tmp_path):
+    straight, killed, resumed, start = kill_then_resume(stage_configs[stage], tmp_path)
     final, again = weights(straight / "ckpt" / "last.ckpt"), weights(killed / "ckpt" / "last.ckpt")
     assert final.keys() == again.keys()
     assert all(torch.equal(final[name], again[name]) for name in final)

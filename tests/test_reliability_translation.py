@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_ddp_translation import TRANSLATOR, write_split
-from test_reliability import ENV, KILLER, load_checkpoint, metrics, run_av2av, trainer_settings, weights, write_yaml
+from test_reliability import kill_then_resume, load_checkpoint, metrics, trainer_settings, weights
 
 from av2av_lightning.data.unit_pairs import UnitPairDataModule
 
@@ -74,27 +69,8 @@ def test_training_order_is_a_function_of_the_epoch_alone(unit_data):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights_and_metrics(unit_data, tmp_path):
-    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    config = write_yaml(tmp_path / "run.yaml", translation_config(straight, unit_data))
-    resumed_config = translation_config(killed, unit_data)
-    resumed = write_yaml(tmp_path / "resumed.yaml", resumed_config)
-    resumed_config["trainer"]["callbacks"].append({"class_path": "killer.KillAt", "init_args": {"step": 6}})
-    doomed = write_yaml(tmp_path / "doomed.yaml", resumed_config)
-
-    # Uninterrupted and doomed runs side by side (one core each); the doomed one dies mid-epoch 1 (step 6 of 5..8).
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "av2av_lightning", "fit", "--config"]
-    procs = [subprocess.Popen([*command, str(c)], env=env, stderr=subprocess.PIPE, text=True) for c in (config, doomed)]
-    outputs = [p.communicate(timeout=300)[1] for p in procs]
-    assert procs[0].returncode == 0, outputs[0][-3000:]
-    assert procs[1].returncode == -signal.SIGKILL, outputs[1][-3000:]
-    start = load_checkpoint(killed / "ckpt" / "last.ckpt")
-    assert start["global_step"] == 4 and start["av2av_stage"] == "translation"  # the end of epoch 0
-
-    result = run_av2av("fit", "--config", str(resumed), "--ckpt_path", "last")
-    assert result.returncode == 0, result.stderr[-3000:]
-
+    straight, killed, _, start = kill_then_resume(lambda root: translation_config(root, unit_data), tmp_path)
+    assert start["av2av_stage"] == "translation"
     final, again = weights(straight / "ckpt" / "last.ckpt"), weights(killed / "ckpt" / "last.ckpt")
     assert load_checkpoint(straight / "ckpt" / "last.ckpt")["global_step"] == 8
     assert final.keys() == again.keys()
