@@ -16,6 +16,10 @@ Stages, each from its own checkpoint (named together in one `PipelineConfig`):
 The output is locked: ``len(wave) == 640 * frames`` (the speech is zero-padded to a whole frame). Identity comes
 from whatever the clip holds (a video-only request of a clip with sound still takes its voice from the sound);
 only the encoder is restricted to the asked-for modalities. A clip without video (a WAV) gives speech only.
+
+Real footage (frames larger than a prepared crop, or ``real_footage=True``) goes through `face_tracking`: the face
+and mouth crops are cut along the tracked landmarks, and the rendered faces are pasted back into the original
+frames, so the output keeps the input's resolution.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from av2av_lightning.checkpoints import load_encoder
 from av2av_lightning.data.schema import SAMPLE_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, SampleMeta
 from av2av_lightning.data.transforms import face_transform
 from av2av_lightning.face_rendering import load_face_renderer
+from av2av_lightning.face_tracking import FaceTrack, is_footage, track_faces
 from av2av_lightning.models.face_renderer import UNITS_PER_FRAME, mask_lower_half, unit_windows
 from av2av_lightning.models.hifigan import durations_from_log
 from av2av_lightning.models.unit_translator import pad_tokens
@@ -143,13 +148,14 @@ class PipelineConfig:
 @dataclass
 class SourceClip:
     """A clip at 25 fps / 16 kHz: ``wave`` [640 F] float32, ``lip`` [F, 96, 96] and ``face`` [F, 96, 96, 3] uint8;
-    a stream the clip does not have is None."""
+    a stream the clip does not have is None. ``track`` holds the original frames of real footage."""
 
     name: str
     num_frames: int
     wave: np.ndarray | None = None
     lip: np.ndarray | None = None
     face: np.ndarray | None = None
+    track: FaceTrack | None = None
 
     def check(self, input: str, max_seconds: float) -> None:
         """The streams ``input`` needs are there and the length is within [MIN_FRAMES, max_seconds]."""
@@ -181,32 +187,49 @@ def _probe(path: Path) -> tuple[bool, bool, float | None]:
         raise ValueError(f"{path}: unreadable media file ({err})") from None
 
 
-def _read_video(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Face [F, 96, 96, 3] and mouth crops [F, 96, 96] at 25 fps, with the converters' ``NAME.lip.mp4`` /
-    ``NAME.bbox.*`` beside the file when present (else the lower middle of the frame is the mouth)."""
+def _read_video(
+    path: Path, real_footage: bool | None, face_index: int | None
+) -> tuple[np.ndarray, np.ndarray, FaceTrack | None]:
+    """Face [F, 96, 96, 3] and mouth crops [F, 96, 96] at 25 fps, and the face track of real footage.
+
+    Real footage (``real_footage``; None: a ``face_index`` is given, or frames larger than a prepared crop and no
+    mouth files beside it) is tracked; otherwise the converters' ``NAME.lip.mp4`` / ``NAME.bbox.*`` beside the file are used when present
+    (else the lower middle of the frame is the mouth)."""
     source = MediaSource.beside(path)
+    if real_footage is None:
+        real_footage = face_index is not None or (source.mouth_is_guessed and is_footage(path))
+    if real_footage:
+        track = track_faces(path, face_index)
+        return track.face_crops(), track.mouth_crops(), track
     if source.lip is not None:
-        return read_face(path), read_lip_video(source.lip)
+        return read_face(path), read_lip_video(source.lip), None
     boxes = read_boxes(source.bbox) if source.bbox is not None else None
-    return read_face_and_mouth(path, boxes, source.bbox, True)
+    return *read_face_and_mouth(path, boxes, source.bbox, True), None
 
 
-def load_source_clip(path: str | Path, input: str = "av", max_seconds: float = 60.0) -> SourceClip:
+def load_source_clip(
+    path: str | Path,
+    input: str = "av",
+    max_seconds: float = 60.0,
+    real_footage: bool | None = None,
+    face_index: int | None = None,
+) -> SourceClip:
     """Decode a video (with or without sound) or an audio file, converting any rate and channel count to 16 kHz
-    mono / 25 fps; the streams ``input`` needs must be there and the length within limits (one-line errors)."""
+    mono / 25 fps; the streams ``input`` needs must be there and the length within limits (one-line errors).
+    ``real_footage`` / ``face_index``: see `_read_video` and `face_tracking.pick_faces`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such input file")
     has_audio, has_video, duration = _probe(path)
     if duration is not None:
         _check_length(str(path), duration, max_seconds)
-    face = lip = wave = None
+    face = lip = wave = track = None
     if has_video:
-        face, lip = _read_video(path)
+        face, lip, track = _read_video(path, real_footage, face_index)
     if has_audio:
         wave = read_audio(path)
     frames = len(lip) if lip is not None else int(round(len(wave) / SAMPLES_PER_FRAME)) if wave is not None else 0
-    clip = SourceClip(str(path), frames, None if wave is None else fit_audio(wave, frames), lip, face)
+    clip = SourceClip(str(path), frames, None if wave is None else fit_audio(wave, frames), lip, face, track)
     clip.check(input, max_seconds)
     if face is not None:
         clip.face = fit_frames(face, frames)
@@ -231,7 +254,8 @@ def pingpong_indices(length: int, count: int) -> np.ndarray:
 @dataclass
 class Translation:
     """The output of one clip: speech ``wave`` [640 F] at 16 kHz, ``face`` [F, 96, 96, 3] uint8 at 25 fps (None when
-    the clip had no face), the de-duplicated target units and their 50 Hz durations, and seconds per stage."""
+    the clip had no face; for real footage the original frames [F, H, W, 3] with the face pasted back), the
+    de-duplicated target units and their 50 Hz durations, and seconds per stage."""
 
     wave: np.ndarray
     face: np.ndarray | None
@@ -418,9 +442,17 @@ class AV2AVPipeline:
 
     # -- the whole clip
 
-    def translate(self, clip: SourceClip | str | Path, src_lang: str, tgt_lang: str, input: str = "av") -> Translation:
+    def translate(
+        self,
+        clip: SourceClip | str | Path,
+        src_lang: str,
+        tgt_lang: str,
+        input: str = "av",
+        real_footage: bool | None = None,
+        face_index: int | None = None,
+    ) -> Translation:
         """Translate a clip (a `SourceClip` or a media file) from ``src_lang`` to ``tgt_lang``, encoding the ``input``
-        modalities; see the module docstring for what the output holds."""
+        modalities; see the module docstring for what the output holds (and `load_source_clip` for real footage)."""
         self.check_languages(src_lang, tgt_lang)
         if src_lang == tgt_lang:
             raise ValueError(f"source and target language are both {src_lang!r}")
@@ -429,7 +461,7 @@ class AV2AVPipeline:
             if isinstance(clip, SourceClip):
                 clip.check(input, self.config.max_seconds)
             else:
-                clip = load_source_clip(clip, input, self.config.max_seconds)
+                clip = load_source_clip(clip, input, self.config.max_seconds, real_footage, face_index)
         with timer("units"):
             source = self.source_units(clip, input)
         with timer("translation"):
@@ -444,6 +476,9 @@ class AV2AVPipeline:
         if self.renderer is not None and clip.face is not None:
             with timer("face"):
                 face = self.render(clip.face, units, durations, len(wave) // SAMPLES_PER_FRAME)
+            if clip.track is not None:
+                with timer("paste"):
+                    face = clip.track.paste(face, pingpong_indices(len(clip.track), len(face)))
         result = Translation(wave, face, units, durations, source, src_lang, tgt_lang, input, timer.seconds)
         if self.config.transcriber is not None:
             with timer("transcription"):

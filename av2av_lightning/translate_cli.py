@@ -1,7 +1,9 @@
 """``av2av translate``: one clip (or every sample of a shard split) through the AV2AV pipeline to MP4 + JSON.
 
 One clip: ``av2av translate --pipeline CONFIG --input clip.mp4 --src en --tgt es --out out.mp4`` writes ``out.mp4``
-(H.264 25 fps + AAC 16 kHz) and ``out.json`` (units, durations, stage seconds, transcript when configured).
+(H.264 25 fps + AAC 16 kHz) and ``out.json`` (units, durations, stage seconds, transcript when configured). An
+ordinary video (frames larger than a prepared crop, or ``--real-footage``) has its face tracked, cropped and the
+translated face pasted back at the original resolution; ``--face-index`` picks one of several faces (0 = largest).
 
 Batch: ``av2av translate --pipeline CONFIG --shards 'test-*.tar' --tgt es --out DIR`` translates every sample of
 the split whose language is not the target (``--src`` keeps one source language) into ``DIR/KEY.mp4`` +
@@ -114,6 +116,8 @@ def _translate(args: argparse.Namespace) -> None:
         raise ValueError("give either --input (one clip) or --shards (a split), not both")
     if args.input is not None and not args.input.is_file():
         raise FileNotFoundError(f"{args.input}: no such input file")  # before loading every stage
+    if args.shards and (args.real_footage or args.face_index is not None):
+        raise ValueError("--real-footage and --face-index apply to one --input clip, not to --shards")
     pipeline = load_pipeline(args)
     if args.shards:
         index = translate_shards(pipeline, args.shards, args.tgt, args.out, args.input_modality, args.src, args.limit)
@@ -123,7 +127,8 @@ def _translate(args: argparse.Namespace) -> None:
         return
     if args.src is None:
         raise ValueError("--src is required with --input (the language spoken in the clip)")
-    result = pipeline.translate(args.input, args.src, args.tgt, args.input_modality)
+    real_footage = True if args.real_footage else None  # None: decided by the frame size
+    result = pipeline.translate(args.input, args.src, args.tgt, args.input_modality, real_footage, args.face_index)
     save_and_report(result, args.out, {"input_file": str(args.input)})
 
 
@@ -131,7 +136,9 @@ def save_and_report(result, out: Path, extra: dict) -> None:
     """Write the MP4 and its JSON, and print one line of what came out and where the time went."""
     mp4, sidecar = save_translation(result, out, extra)
     stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in result.seconds.items())
-    video = f"{result.num_frames} frames" if result.face is not None else "speech only"
+    video = "speech only"
+    if result.face is not None:
+        video = f"{result.num_frames} frames of {result.face.shape[2]}x{result.face.shape[1]}"
     print(f"{mp4}: {len(result.units)} units, {len(result.wave) / 16000:.2f} s, {video}; {stages} (units in {sidecar})")
     if result.transcript is not None:
         print(f"transcript: {result.transcript}")
@@ -148,6 +155,12 @@ def add_arguments(commands) -> None:
     parser.add_argument("--src", help="source language (batch mode: only samples in it; default every other)")
     parser.add_argument("--tgt", required=True, help="target language")
     parser.add_argument("--input-modality", choices=INPUTS, default="av", help="what the encoder sees")
+    parser.add_argument(
+        "--real-footage",
+        action="store_true",
+        help="track the face in --input even if its frames are crop-sized (default: when larger than 224 px)",
+    )
+    parser.add_argument("--face-index", type=int, help="real footage with several faces: which one (0 = largest)")
     parser.add_argument("--out", required=True, type=Path, help="output MP4 (batch mode: output folder)")
     parser.add_argument("--limit", type=int, help="batch mode: translate at most this many samples")
     parser.add_argument("--beam-size", type=int, help="override the pipeline's beam size (1: greedy)")
