@@ -216,3 +216,12 @@ def test_babble_differs_from_white():
     aug.observe(pool[2])
     noisy, _ = aug(pool[0])
     assert flatness(noisy - pool[0]) < 0.1
+
+
+def test_a_filterbank_first_made_under_inference_mode_still_serves_a_training_step():
+    """The filterbank is cached: one built during validation (inference mode) must not break a later backward."""
+    with torch.inference_mode():
+        log_mel_spectrogram(torch.randn(4000), n_mels=77)
+    wave = torch.randn(4000, requires_grad=True)
+    log_mel_spectrogram(wave, n_mels=77).sum().backward()
+    assert wave.grad.abs().sum() > 0

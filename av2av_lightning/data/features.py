@@ -84,6 +84,7 @@ def mel_to_hz(mel: torch.Tensor | float, scale: str = "htk") -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)  # cached and shared: one made during validation must still serve a training step
 def _filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float, f_max: float, scale: str, norm: str | None):
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= {sample_rate / 2}, got f_min={f_min}, f_max={f_max}")
