@@ -36,7 +36,13 @@ def test_runs_every_delta_and_seed_and_tabulates(tiny_corpus, tmp_path, capsys):
         pretrained=None,
         encoder={"embed_dim": 32, "layers": 1, "ffn_dim": 64, "heads": 2, "resnet_width": 4},
     )
-    base["data"].update(train_shards=words, val_shards=words, num_workers=0, train_batches_per_epoch=2)
+    base["data"].update(
+        train_shards=words,
+        val_shards=words,
+        words=str(tmp_path / "words.txt"),
+        num_workers=0,
+        train_batches_per_epoch=2,
+    )
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     deltas = tmp_path / "deltas"
     deltas.mkdir()
@@ -45,5 +51,6 @@ def test_runs_every_delta_and_seed_and_tabulates(tiny_corpus, tmp_path, capsys):
     args = ["--config", str(tmp_path / "base.yaml"), "--deltas", str(deltas), "--seeds", "0", "1"]
     assert main([*args, "--metrics", "val/acc_audio", "--out", str(tmp_path / "runs")]) == 0
     table = (tmp_path / "runs" / "table.md").read_text()
-    assert "(n=2)" in table and "n/a: " in table and "renderer" in table
+    # the + L_rec row without its renderer checkpoint: shown as n/a with the missing file, never dropped
+    assert "(n=2)" in table and "n/a: " in table and "face_tiny/last.ckpt" in table
     assert (tmp_path / "runs" / "table.csv").exists() and "baseline" in capsys.readouterr().out

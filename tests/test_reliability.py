@@ -111,7 +111,9 @@ def mutual_learning_config(root: Path, train, val, words: str) -> dict:
     base["model"]["init_args"].update(
         words=words, pretrained=None, encoder=encoder, freeze_encoder_steps=3, codebook_size=8, warmup_steps=4
     )
-    base["data"].update(train_shards=train, val_shards=val, max_frames=232, train_batches_per_epoch=4, num_workers=1)
+    base["data"].update(
+        train_shards=train, val_shards=val, words=words, max_frames=232, train_batches_per_epoch=4, num_workers=1
+    )
     return base
 
 

@@ -7,6 +7,12 @@ pipeline). The loader adds the skip counts each batch carries to ``datamodule.sk
 ``self.log_dict({f"skipped/{k}": v for k, v in dm.skipped.items()})``; each batch also
 carries ``batch.num_skipped`` for per-step logging.
 
+Exact resume: the training loader's `PassPosition` (epoch, batches yielded) goes into every
+checkpoint, also one written mid-epoch (``ModelCheckpoint(every_n_train_steps=...)``); a run
+resumed from it continues with the batch that would have come next. The position counts
+batches handed to the training loop, so a checkpoint written in the middle of a training step
+(Lightning's SLURM auto-requeue handler) resumes one batch late.
+
 Distributed: rank and world size come from the attached trainer (``global_rank``,
 ``world_size``), else torch.distributed, else (0, 1); `set_distributed` overrides them.
 Training batches per epoch are the same on every rank (``train_batches_per_epoch``);
@@ -30,6 +36,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -39,14 +46,75 @@ from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.data.pipeline import AVShardDataset, distributed_info
 from av2av_lightning.data.sidecar import Sidecar
+from data_prep.vocab import read_words
 
-__all__ = ["AVDataLoader", "AVDataModule"]
+__all__ = ["AVDataLoader", "AVDataModule", "PassPosition", "ResumableTrainLoader"]
 
 SPLITS = ("train", "val", "test", "predict")
+Loader = TypeVar("Loader", bound=DataLoader)
 
 # Lightning warns about any IterableDataset with __len__; ours is exact per rank (each worker
 # yields precisely its share of the batches), so the warning would only mislead.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+
+
+class PassPosition:
+    """Where a training loader's pass stands: its epoch and the batches it has yielded.
+
+    Lightning saves it in checkpoints (through the loader's ``state_dict``), also mid-epoch; restored, it makes the
+    next pass of the same epoch skip the batches the interrupted run had already trained on, so a resumed run
+    continues with the batch that would have come next.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches = 0
+        self._restored = False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batches, self._restored = int(state["epoch"]), int(state["batches"]), True
+
+    def start(self, epoch: int) -> int:
+        """Begin a pass of ``epoch``: the batches it must skip (those of a restored position in the same epoch)."""
+        skip = self.batches if self._restored and epoch == self.epoch else 0
+        self.epoch, self.batches, self._restored = epoch, skip, False
+        return skip
+
+    def count(self, batches: Iterator) -> Iterator:
+        for batch in batches:
+            self.batches += 1
+            yield batch
+
+
+class ResumableTrainLoader:
+    """Data-module mixin: the training loader's `PassPosition` goes into the data module's checkpoint state too.
+
+    Lightning restores a training loader's own state only if it builds the loader after loading the checkpoint;
+    every stage reads ``trainer.estimated_stepping_batches`` in ``configure_optimizers``, which builds it before
+    (Lightning 2.6), so the position would be lost. A data module's state is restored first, and handed here to
+    the next training loader.
+    """
+
+    _train_loader = None
+    _train_position: dict[str, int] | None = None
+
+    def state_dict(self) -> dict:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_position = state_dict.get("train_position")
+        if self._train_loader is not None and self._train_position is not None:
+            self._train_loader.load_state_dict(self._train_position)
+
+    def _resumable(self, loader: Loader) -> Loader:
+        self._train_loader = loader
+        if self._train_position is not None:
+            loader.load_state_dict(self._train_position)
+            self._train_position = None
+        return loader
 
 
 class AVDataLoader(DataLoader):
@@ -54,6 +122,8 @@ class AVDataLoader(DataLoader):
 
     Before each pass it sets the dataset's epoch (from ``epoch_source`` when given, else
     a pass counter), so worker processes re-created every epoch draw new random streams.
+    The pass (and its worker processes) starts at the first batch, not at ``iter()``: Lightning
+    makes the iterator before it sets the epoch and restores a checkpoint's `PassPosition`.
     """
 
     def __init__(
@@ -68,20 +138,34 @@ class AVDataLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
         self.counter = counter if counter is not None else Counter()
         self.epoch_source = epoch_source
+        self.position = PassPosition()
         self._passes = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume at a saved position; without an epoch source the pass counter continues from its epoch."""
+        self.position.load_state_dict(state_dict)
+        if self.epoch_source is None:
+            self._passes = self.position.epoch
 
     def __iter__(self) -> Iterator[AVBatch]:
         epoch = self.epoch_source() if self.epoch_source is not None else None
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        epoch = self._passes if epoch is None else epoch
         self._passes += 1
-        for batch in super().__iter__():
+        skip = self.position.start(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        if hasattr(self.dataset, "skip_batches"):
+            self.dataset.skip_batches(skip)
+        for batch in self.position.count(super().__iter__()):
             if isinstance(batch, AVBatch) and batch.skipped:
                 self.counter.update(batch.skipped)
             yield batch
 
 
-class AVDataModule(L.LightningDataModule):
+class AVDataModule(ResumableTrainLoader, L.LightningDataModule):
     """Audio-visual shards for every stage: frame-budget batches of `AVBatch`.
 
     Args:
@@ -97,6 +181,8 @@ class AVDataModule(L.LightningDataModule):
         load_face: decode the RGB face video into ``batch.face``.
         kinds: keep only these kinds (``sentence``, ``word``); None keeps all.
         languages: keep only these languages; None keeps all.
+        words: a word list (``av2av vocab words``): keep only the word clips it names, the classes of a word
+            classifier; None keeps all.
         noise_prob: probability of adding noise to an utterance (0 disables noise).
         noise_snr_db: SNR in dB, or ``[low, high]`` for a uniform draw.
         noise_types: ``white`` and/or ``babble``.
@@ -124,6 +210,7 @@ class AVDataModule(L.LightningDataModule):
         load_face: bool = False,
         kinds: list[str] | None = None,
         languages: list[str] | None = None,
+        words: str | None = None,
         noise_prob: float = 0.0,
         noise_snr_db: float | tuple[float, float] = 0.0,
         noise_types: tuple[str, ...] = NOISE_TYPES,
@@ -157,6 +244,7 @@ class AVDataModule(L.LightningDataModule):
         self.load_face = load_face
         self.kinds = kinds
         self.languages = languages
+        self.words = read_words(words) if words else None
         self.noise = {"noise_prob": noise_prob, "noise_snr_db": noise_snr_db, "noise_types": tuple(noise_types)}
         self.noise_splits = tuple(noise_splits)
         self.length_tolerance = length_tolerance
@@ -215,6 +303,7 @@ class AVDataModule(L.LightningDataModule):
             load_face=self.load_face,
             kinds=self.kinds,
             languages=self.languages,
+            words=self.words,
             sidecars=self._sidecars(),
             length_tolerance=self.length_tolerance,
             require_text=self.require_text,
@@ -257,7 +346,7 @@ class AVDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> AVDataLoader:
-        return self._loader("train")
+        return self._resumable(self._loader("train"))
 
     def val_dataloader(self) -> AVDataLoader | list:
         if self.shards["val"] is None:

@@ -14,7 +14,9 @@ large (good buckets) at little memory.
 own generator (seed, epoch, rank, worker: the `wds.ResampledShards` idea), reads
 ``shards_in_parallel`` shards interleaved, and yields *exactly* its share of
 ``batches_per_epoch`` (``len(dataset)``), so every rank gets the same number of batches
-whatever the number of workers.
+whatever the number of workers. Global batch ``i`` of an epoch comes from worker
+``i % num_workers`` (the DataLoader's round-robin), so a pass resumed after ``k`` batches
+(`AVShardDataset.skip_batches`) gives worker ``w`` the stream of worker ``(w + k) % num_workers``.
 
 **Evaluation** (``train=False``): every sample exactly once over all ranks and workers.
 With G = world_size x num_workers global workers and S shards, global worker g reads
@@ -78,6 +80,7 @@ from av2av_lightning.data.schema import (
 )
 from av2av_lightning.data.sidecar import Sidecar
 from av2av_lightning.data.transforms import LIP_CROP, crop_lip
+from data_prep.vocab import word_key
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +224,8 @@ class AVShardDataset(IterableDataset):
         batches_per_epoch: batches per rank per epoch in training (required when ``train``).
         load_face: also decode the RGB face video (``AVBatch.face``).
         kinds, languages: keep only these sample kinds (sentence/word) / languages.
+        words: keep only word clips whose ``lang/label`` is in this list (a classifier's vocabulary): the other
+            clips would carry no target.
         sidecars: ``name -> path(s)`` or loaded `Sidecar`; joined by key into ``AVBatch.labels``.
         noise_prob, noise_snr_db, noise_types, noise_talkers: noise augmentation (see `NoiseAugmenter`).
         length_tolerance: frames audio/video/metadata may differ before a sample is skipped.
@@ -243,6 +248,7 @@ class AVShardDataset(IterableDataset):
         load_face: bool = False,
         kinds: Sequence[str] | None = None,
         languages: Sequence[str] | None = None,
+        words: Sequence[str] | None = None,
         sidecars: Mapping[str, str | Sequence[str] | Sidecar] | None = None,
         noise_prob: float = 0.0,
         noise_snr_db: float | Sequence[float] = 0.0,
@@ -273,6 +279,7 @@ class AVShardDataset(IterableDataset):
         self.load_face = bool(load_face)
         self.kinds = set(kinds) if kinds else None
         self.languages = set(languages) if languages else None
+        self.words = set(words) if words else None
         self.sidecars: dict[str, Sidecar] = {
             name: value if isinstance(value, Sidecar) else Sidecar.load(value)
             for name, value in (sidecars or {}).items()
@@ -293,6 +300,7 @@ class AVShardDataset(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         self._iterations = 0
+        self._resume_skip = 0
         self._warned: set[tuple[str, str]] = set()
         self.required_fields = REQUIRED_FIELDS + ((FACE_FIELD,) if self.load_face else ())
 
@@ -304,7 +312,21 @@ class AVShardDataset(IterableDataset):
         return int(self.batches_per_epoch)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass; later passes without a ``set_epoch`` (persistent workers keep the copy made
+        at their start) count on from it, so the stream of a training epoch depends on its number alone."""
         self.epoch = int(epoch)
+        self._iterations = 0
+
+    def skip_batches(self, count: int) -> None:
+        """Start the next training pass after the first ``count`` batches of this rank's epoch (a resumed run).
+
+        Worker ``w`` takes the role of worker ``(w + count) % num_workers``, whose stream holds the next batch, so
+        the loader's round-robin over its workers yields the uninterrupted order. The skipped batches are replayed
+        without collating: their decoding decides which samples fail and the random draws of the later ones.
+        """
+        if count < 0 or (count and not self.train):
+            raise ValueError(f"only training passes skip batches, and a count >= 0; got {count} (train={self.train})")
+        self._resume_skip = int(count)
 
     def position(self) -> tuple[int, int, int, int]:
         """(rank, world_size, worker id, number of workers) of the calling process."""
@@ -330,13 +352,17 @@ class AVShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[AVBatch]:
         rank, world, worker, num_workers = self.position()
         self._iterations += 1
-        seed = [self.seed, self.epoch, self._iterations, rank, worker]
+        skip, self._resume_skip = self._resume_skip, 0  # this pass only (a persistent worker's copy sees it once)
+        role = (worker + skip) % num_workers
+        # The 1 stands where earlier versions counted passes: the first pass of a run keeps its stream.
+        seed = [self.seed, self.epoch + self._iterations - 1, 1, rank, role]
         state = _State(int(np.random.SeedSequence(seed).generate_state(1)[0]), self._noise(seed))
         if self.train:
-            wanted = self.worker_batches(worker, num_workers)
-            if wanted == 0:
+            done = len(range(role, skip, num_workers))  # this role's batches among the skipped ones
+            wanted = self.worker_batches(role, num_workers) - done
+            if wanted <= 0:
                 return
-            batches = self._batches(self._interleaved(self._resampled_urls(state), state), state)
+            batches = self._batches(self._interleaved(self._resampled_urls(state), state), state, replay=done)
             yield from itertools.islice(batches, wanted)
         else:
             plan = split_for_worker(len(self.urls), rank * num_workers + worker, world * num_workers)
@@ -385,7 +411,7 @@ class AVShardDataset(IterableDataset):
                     if state.shards_opened - opened_at_last_sample > limit:
                         raise ValueError(  # a bad filter or unusable data: the input is wrong, not the code
                             f"no usable sample in {limit} shards of {self.pattern!r} "
-                            f"(filters kinds={self.kinds}, languages={self.languages}; skipped {dict(state.skipped)})"
+                            f"(filters kinds={self.kinds}, languages={self.languages}, words={len(self.words) if self.words else None}; skipped {dict(state.skipped)})"
                         )
                     next_url = next(urls, None)
                     streams[index] = (next_url, self._read_shard(next_url, state)) if next_url else None
@@ -430,6 +456,8 @@ class AVShardDataset(IterableDataset):
         if self.kinds is not None and meta.kind not in self.kinds:
             return None
         if self.languages is not None and meta.lang not in self.languages:
+            return None
+        if self.words is not None and word_key(meta.lang, meta.label or "") not in self.words:
             return None
         if self.require_text and not meta.text.strip():
             self._skip(state, SkipReason.EMPTY_TRANSCRIPT, meta.key, shard)
@@ -524,19 +552,25 @@ class AVShardDataset(IterableDataset):
 
     # -- batches
 
-    def _batches(self, pending: Iterator[_Pending], state: _State) -> Iterator[AVBatch]:
+    def _batches(self, pending: Iterator[_Pending], state: _State, replay: int = 0) -> Iterator[AVBatch]:
         """Bucket, decode one packed group at a time, collate.
 
         A batch is held back until the next group is decoded, so samples skipped while
-        decoding the last groups are still counted in the worker's last batch.
+        decoding the last groups are still counted in the worker's last batch. The first
+        ``replay`` batches are built but neither collated nor yielded (with their skip counts).
         """
         max_failures = max(1000, 10 * self.buffer_size)
         failures = 0
         buffer: list[_Pending] = []
         held: list[Example] | None = None
 
-        def emit(examples: list[Example]) -> AVBatch:
-            return collate(
+        def emit(examples: list[Example]) -> Iterator[AVBatch]:
+            nonlocal replay
+            if replay:
+                replay -= 1
+                state.take_skipped()
+                return
+            yield collate(
                 examples,
                 self.label_rates,
                 with_noise=state.noise is not None,
@@ -566,7 +600,7 @@ class AVShardDataset(IterableDataset):
                 # Decoded lengths may exceed the metadata's by the tolerance: re-pack to keep the budget.
                 for subgroup in pack_by_budget([ex.num_frames for ex in examples], self.max_frames):
                     if held is not None:
-                        yield emit(held)
+                        yield from emit(held)
                     held = [examples[i] for i in subgroup]
             buffer.clear()
 
@@ -577,7 +611,7 @@ class AVShardDataset(IterableDataset):
         if buffer:
             yield from flush()
         if held is not None:
-            yield emit(held)
+            yield from emit(held)
         elif state.skipped:
             log.warning("no batch to carry the skip counts of this worker: %s", dict(state.skipped))
 

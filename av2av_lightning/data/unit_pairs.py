@@ -29,6 +29,7 @@ Example YAML::
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from av2av_lightning.data.datamodule import PassPosition, ResumableTrainLoader
 from av2av_lightning.data.schema import SampleMeta
 from av2av_lightning.data.sidecar import Sidecar
 
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ExactlyOnceSampler",
     "LazyLoader",
+    "ResumableSampler",
     "UnitPair",
     "UnitPairBatch",
     "UnitPairDataModule",
@@ -151,16 +154,43 @@ class ExactlyOnceSampler(DistributedSampler):
         return iter(range(self.start, self.stop))
 
 
+class ResumableSampler(DistributedSampler):
+    """A `DistributedSampler` whose next pass can start after its first samples (a run resumed mid-epoch)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 class LazyLoader(DataLoader):
     """A `DataLoader` whose pass (worker processes, the sampler's indices) starts at its first batch, not at ``iter()``.
 
     Lightning calls ``iter()`` on the training loader before it restores a checkpoint (for the estimated number of
     steps) and before the epoch's ``set_epoch``, and reuses that iterator for the first epoch of a resumed run;
-    workers would draw their first indices at once, from epoch 0's order.
+    workers would draw their first indices at once, from epoch 0's order. Its `PassPosition` (epoch, batches
+    yielded) goes into checkpoints; restored, the next pass of that epoch starts after those batches (the sampler
+    drops their indices, so nothing is loaded for them).
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = PassPosition()
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.position.load_state_dict(state_dict)
+
     def __iter__(self) -> Iterator[UnitPairBatch]:
-        yield from super().__iter__()
+        skip = self.position.start(getattr(self.sampler, "epoch", 0))
+        if skip:
+            self.sampler.skip = skip * self.batch_size
+        yield from self.position.count(super().__iter__())
 
 
 def _world() -> tuple[int, int]:
@@ -170,7 +200,7 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-class UnitPairDataModule(L.LightningDataModule):
+class UnitPairDataModule(ResumableTrainLoader, L.LightningDataModule):
     """Parallel unit pairs per split from shards (metadata only) and unit sidecars.
 
     Args:
@@ -234,7 +264,7 @@ class UnitPairDataModule(L.LightningDataModule):
             self.datasets[split] = self.build_dataset(split)
         dataset, (world, rank) = self.datasets[split], _world()
         if split == "train":
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+            sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         else:
             sampler = ExactlyOnceSampler(dataset, world, rank) if world > 1 else None
         return LazyLoader(
@@ -246,7 +276,7 @@ class UnitPairDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> LazyLoader:
-        return self._loader("train")
+        return self._resumable(self._loader("train"))
 
     def val_dataloader(self) -> LazyLoader | list:
         return self._loader("val") if self.sources["val"][0] is not None else []
