@@ -33,6 +33,7 @@ from torchmetrics import MeanMetric
 from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.schema import FACE_SIZE, VIDEO_FPS
+from av2av_lightning.data.sidecar import expect_ids_below, expect_rates
 from av2av_lightning.logging_utils import log_media_table
 from av2av_lightning.metrics._common import attach_external
 from av2av_lightning.metrics.video import VideoPSNR, VideoSSIM
@@ -121,6 +122,13 @@ class FaceRendering(L.LightningModule):
         expert = load_sync_expert(path)
         expert.requires_grad_(False)
         return expert
+
+    def setup(self, stage: str) -> None:
+        """Refuse a unit sidecar of another frame rate than ``unit_rate`` (de-duplicated units have none) or k."""
+        reader = f"the face renderer (unit_rate {self.hparams.unit_rate:g})"
+        sidecars = getattr(self.trainer.datamodule, "sidecars", None) or {}
+        expect_rates(sidecars, {self.hparams.units: self.hparams.unit_rate}, reader)
+        expect_ids_below(sidecars, self.hparams.units, self.config.num_units, "the face renderer")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the stage and the resolved architecture, so `load_face_renderer` rebuilds the renderer alone."""

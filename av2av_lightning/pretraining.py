@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from av2av_lightning.checkpoints import STAGE_KEY
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.schema import VIDEO_FPS
+from av2av_lightning.data.sidecar import expect_rates
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.optim import stage_optimizer
 
@@ -70,6 +71,12 @@ class AVHubertPretraining(L.LightningModule):
             raise ValueError(f"label_rate must be a multiple of {VIDEO_FPS} Hz, got {label_rate}")
         self.model = AVHubert(self.config)
         self.accuracy = torch.nn.ModuleDict({name: MeanMetric() for name in INPUTS})
+
+    def setup(self, stage: str) -> None:
+        """Refuse label sidecars of another frame rate than ``label_rate`` (labels are never resampled)."""
+        sidecars = getattr(self.trainer.datamodule, "sidecars", None) or {}
+        rates = dict.fromkeys(self.labels, self.hparams.label_rate)
+        expect_rates(sidecars, rates, f"pretraining (label_rate {self.hparams.label_rate:g})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the stage and the resolved architecture, so later stages can rebuild the encoder alone."""

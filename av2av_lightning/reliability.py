@@ -12,8 +12,10 @@ Add ``- class_path: av2av_lightning.reliability.Reliability`` to ``trainer.callb
   epoch, batch index, rank), so the model's random draws (masks, dropout) after a resume are
   those of an uninterrupted run whatever ran before (sanity check, worker start-up).
 - `NonFiniteGuard`: a non-finite training loss skips the step (no backward, no optimiser
-  step, module buffers such as batch-norm statistics restored), is counted and logged;
-  ``max_consecutive`` in a row save the last good state and stop with `NonFiniteLossError`.
+  step, module buffers such as batch-norm statistics restored; with manual optimisation the
+  whole batch is undone: weights, optimiser moments and step counts, LR schedulers, buffers),
+  is counted and logged; ``max_consecutive`` in a row save the last good state and stop with
+  `NonFiniteLossError`.
 - `SkippedSamplesLogger`: per epoch and split, how many samples the data pipeline skipped
   and why (``skipped/<split>`` summed over ranks, ``skipped/<split>/<reason>`` of rank 0),
   plus one log line; the pipeline itself logs each skipped sample's key and shard.
@@ -21,6 +23,7 @@ Add ``- class_path: av2av_lightning.reliability.Reliability`` to ``trainer.callb
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -156,8 +159,14 @@ class NonFiniteGuard(Callback):
     forward pass (batch-norm statistics) are restored, so a skipped step changes nothing.
 
     Manual optimisation (GAN stages): an optimiser step whose gradients are not all finite
-    is dropped (gradients set to None, so the optimiser leaves weights and moments alone);
-    gradients are already reduced over ranks there, so ranks agree without a sync.
+    is dropped (gradients set to None, so the optimiser leaves weights and moments alone), and
+    so is every later step of the batch; at the batch's end everything the batch changed is put
+    back as it was before it (`_BatchState`: the weights of every optimiser, their moments and
+    step counts, the LR schedulers the module stepped, module buffers), so a discriminator step
+    taken before the generator's non-finite one, or batch-norm statistics, leave no trace. That
+    costs one copy of the weights and optimiser state per batch. Gradients are already reduced
+    over ranks there, so ranks agree without a sync. As with automatic optimisation, Lightning
+    still counts the dropped optimiser calls in ``global_step``.
 
     Args:
         max_consecutive: this many skipped steps in a row save ``nonfinite-last-good.ckpt``
@@ -174,6 +183,7 @@ class NonFiniteGuard(Callback):
         self.nonfinite_in_a_row = 0
         self._wrapped: L.LightningModule | None = None
         self._skipped_in_batch = False
+        self._before_batch: _BatchState | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_total": self.nonfinite_total}
@@ -215,7 +225,7 @@ class NonFiniteGuard(Callback):
 
     def _skipped(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self.nonfinite_total += 1
-        self.nonfinite_in_a_row += 0 if self._skipped_in_batch else 1
+        self.nonfinite_in_a_row += 1
         self._skipped_in_batch = True
         log.warning(
             "non-finite training loss or gradients %s at step %d (epoch %d): step skipped (%d in a row, %d in all)",
@@ -231,6 +241,8 @@ class NonFiniteGuard(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._skipped_in_batch = False
+        if not pl_module.automatic_optimization:
+            self._before_batch = _BatchState.capture(trainer, pl_module)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(
@@ -240,16 +252,20 @@ class NonFiniteGuard(Callback):
         if pl_module.automatic_optimization:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(torch.isfinite(g).all() for g in grads):
+        if not self._skipped_in_batch and all(torch.isfinite(g).all() for g in grads):
             return
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
-        self._skipped(trainer, pl_module, torch.tensor(float("nan")))
+        if not self._skipped_in_batch:  # later steps of a batch being undone are dropped without a count
+            self._skipped(trainer, pl_module, torch.tensor(float("nan")))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._before_batch is not None and self._skipped_in_batch:
+            self._before_batch.restore(trainer)
+        self._before_batch = None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not pl_module.automatic_optimization and not self._skipped_in_batch:
             self.nonfinite_in_a_row = 0
@@ -262,6 +278,38 @@ class NonFiniteGuard(Callback):
             f"{self.nonfinite_in_a_row} non-finite training losses in a row (up to step {trainer.global_step}, "
             f"epoch {trainer.current_epoch}): stopped; the last good state is in {path}"
         )
+
+
+class _BatchState:
+    """A copy of what a manual-optimisation batch may change, to undo a batch with a non-finite step.
+
+    The module steps its optimisers and LR schedulers itself, so a dropped generator step can follow a
+    discriminator step that already happened, and the schedulers (which may gate when a loss joins,
+    e.g. the vocoder's ``gan_start_step``) would count the batch.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], optimizers: list[dict], schedulers: list[dict]) -> None:
+        self.tensors = [(tensor, tensor.detach().clone()) for tensor in tensors]
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+
+    @classmethod
+    def capture(cls, trainer: L.Trainer, pl_module: L.LightningModule) -> _BatchState:
+        params = {id(p): p for optimizer in trainer.optimizers for g in optimizer.param_groups for p in g["params"]}
+        return cls(
+            [*params.values(), *pl_module.buffers()],
+            [copy.deepcopy(optimizer.state_dict()) for optimizer in trainer.optimizers],
+            [copy.deepcopy(config.scheduler.state_dict()) for config in trainer.lr_scheduler_configs],
+        )
+
+    def restore(self, trainer: L.Trainer) -> None:
+        with torch.no_grad():
+            for tensor, saved in self.tensors:
+                tensor.copy_(saved)
+        for optimizer, state in zip(trainer.optimizers, self.optimizers):
+            optimizer.load_state_dict(state)
+        for config, state in zip(trainer.lr_scheduler_configs, self.schedulers):
+            config.scheduler.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------- skipped samples

@@ -5,6 +5,12 @@ whatever utterances come along. `SpeakerEncoderTraining` therefore keeps a small
 spectrograms per speaker (inputs, not embeddings: every step re-encodes them with the current weights) and
 draws each GE2E batch from it; a step is skipped until at least two speakers have M utterances banked.
 The bank is not saved in checkpoints, so a resumed run refills it first.
+
+Under DDP every rank banks its own batches. Lightning cannot skip a step there (DDP all-reduces gradients in every
+rank's backward), so until every rank can draw a GE2E batch all ranks take a zero-gradient step instead: Adam's
+moments are still zero before the first real step, so without weight decay (the default) the weights do not move
+(after a resume only Adam's momentum moves them for the few steps the banks take to refill). The validation EER is
+computed on every rank over the embeddings of all ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from sklearn.metrics import roc_curve
@@ -74,6 +81,15 @@ def pairwise_eer(embeddings: Tensor, speakers: list[str]) -> float:
     return equal_error_rate(scores, ids[first.numpy()] == ids[second.numpy()])
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order (``[value]`` without an initialised process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 class SpeakerEncoderTraining(L.LightningModule):
     """GE2E training of `SpeakerEncoder` over the shared datamodule's batches.
 
@@ -125,6 +141,16 @@ class SpeakerEncoderTraining(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[STAGE_KEY] = STAGE
         checkpoint["speaker_encoder_config"] = asdict(self.config)
+        checkpoint["ge2e_bank"] = {speaker: list(mels) for speaker, mels in self.bank.items()}
+        checkpoint["ge2e_rng"] = self.rng.getstate()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run draws its GE2E batches from the bank and sampler state of the interrupted one."""
+        size = self.hparams.bank_size
+        self.bank = {speaker: deque(mels, maxlen=size) for speaker, mels in checkpoint.get("ge2e_bank", {}).items()}
+        if "ge2e_rng" in checkpoint:
+            version, state, gauss = checkpoint["ge2e_rng"]
+            self.rng.setstate((version, tuple(state), gauss))
 
     def remember(self, batch: AVBatch) -> None:
         """Add the batch's utterances (their Mels, on the CPU) to the per-speaker bank."""
@@ -152,8 +178,10 @@ class SpeakerEncoderTraining(L.LightningModule):
     def training_step(self, batch: AVBatch, batch_idx: int) -> Tensor | None:
         self.remember(batch)
         mels = self.ge2e_batch()
-        if mels is None:
-            return None  # the bank is still filling: Lightning skips the step
+        if not self.trainer.strategy.reduce_boolean_decision(mels is not None, all=True):
+            if self.trainer.world_size == 1:
+                return None  # the bank is still filling: Lightning skips the step
+            return sum(p.sum() for p in self.parameters()) * 0.0  # a bank fills here or on another rank
         n, m = mels.shape[:2]
         embeddings = self.model(mels.flatten(0, 1)).view(n, m, -1)
         loss = ge2e_loss(ge2e_similarity(embeddings, self.w.clamp(min=1e-6), self.b))
@@ -168,11 +196,15 @@ class SpeakerEncoderTraining(L.LightningModule):
         self._val_speakers.extend(meta.speaker for meta in batch.meta)
 
     def on_validation_epoch_end(self) -> None:
-        """EER over all pairs of validation utterances (this process's share: run validation on one device)."""
-        if len(set(self._val_speakers)) < 2:
+        """EER over all pairs of validation utterances, gathered from every rank (pairs span ranks, so no rank's
+        share or mean of shares gives it); every rank computes the same value."""
+        local = torch.cat(self._val_embeddings) if self._val_embeddings else torch.empty(0, self.model.embed_dim)
+        shares = gather_objects((local, self._val_speakers))
+        speakers = [speaker for _, names in shares for speaker in names]
+        if len(set(speakers)) < 2:
             rank_zero_warn("speaker EER skipped: the validation data has fewer than 2 speakers")
             return
-        eer = pairwise_eer(torch.cat(self._val_embeddings), self._val_speakers)
+        eer = pairwise_eer(torch.cat([embeddings for embeddings, _ in shares]), speakers)
         self.log("val/eer", eer, prog_bar=True)
 
     def configure_optimizers(self) -> dict:

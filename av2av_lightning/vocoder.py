@@ -28,6 +28,7 @@ from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.data.features import log_mel_spectrogram
 from av2av_lightning.data.schema import SAMPLE_RATE, VIDEO_FPS
+from av2av_lightning.data.sidecar import expect_ids_below, expect_rates
 from av2av_lightning.logging_utils import log_media_table
 from av2av_lightning.metrics.speech import ESTOI, PESQ, STOI
 from av2av_lightning.models.hifigan import (
@@ -144,6 +145,16 @@ class UnitVocoder(L.LightningModule):
         self.model = UnitHiFiGAN(self.config)
         self.discriminator = HiFiGANDiscriminator(self.config.discriminator_width)
         self.speech_metrics = nn.ModuleList([STOI(), ESTOI(), PESQ()])
+
+    def setup(self, stage: str) -> None:
+        """Refuse unit sidecars of another frame rate (aligned units at ``unit_rate``, de-duplicated ones and their
+        durations with none: a 25 Hz stream read as 50 Hz would still train, on misaligned audio) or of another k."""
+        aligned = None if self.hparams.durations else self.hparams.unit_rate
+        rates = {self.hparams.units: aligned, **({self.hparams.durations: None} if self.hparams.durations else {})}
+        reader = f"the vocoder (unit_rate {self.hparams.unit_rate}, durations {self.hparams.durations!r})"
+        sidecars = getattr(self.trainer.datamodule, "sidecars", None) or {}
+        expect_rates(sidecars, rates, reader)
+        expect_ids_below(sidecars, self.hparams.units, self.config.num_units, "the vocoder")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[STAGE_KEY] = STAGE
@@ -263,8 +274,8 @@ class UnitVocoder(L.LightningModule):
         preds = [f[: int(n) * SAMPLES_PER_UNIT] for f, n in zip(fake, lengths)]
         refs = [w[: int(n) * SAMPLES_PER_UNIT] for w, n in zip(batch.wave, lengths)]
         mel = torch.stack([F.l1_loss(vocoder_mels(p), vocoder_mels(r)) for p, r in zip(preds, refs)]).mean()
-        self.log("val/mel_l1", mel, prog_bar=True, batch_size=len(batch))
-        self.log("val/duration_mse", self.duration_loss(units, lengths), batch_size=len(batch))
+        self.log("val/mel_l1", mel, prog_bar=True, batch_size=len(batch), sync_dist=True)
+        self.log("val/duration_mse", self.duration_loss(units, lengths), batch_size=len(batch), sync_dist=True)
         for metric in self.speech_metrics:
             metric.update(preds, refs)
         if batch_idx == 0:

@@ -12,6 +12,9 @@ A sidecar is one ``.npz`` file (readable with ``np.load(path, allow_pickle=False
 The writer collects everything in memory and writes once on `close` to a temporary name,
 then renames (``os.replace``), so a killed job never leaves a half-written sidecar under
 the real name. The source shards are never touched.
+
+Label rates are never converted: labels at the wrong rate still look like labels and would train on
+misaligned targets, so a stage names the rate it reads and `expect_rates` refuses any other.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 SIDECAR_VERSION = 1
 
-__all__ = ["Sidecar", "SidecarWriter"]
+__all__ = ["Sidecar", "SidecarWriter", "expect_ids_below", "expect_rates", "read_header"]
 
 
 def _rate(rate_hz) -> float | None:
@@ -35,6 +38,72 @@ def _rate(rate_hz) -> float | None:
     if rate <= 0:
         raise ValueError(f"sidecar rate must be positive or None, got {rate_hz}")
     return rate
+
+
+def _describe(rate: float | None) -> str:
+    return "no frame rate (not frame-aligned)" if rate is None else f"{rate:g} Hz"
+
+
+def _open(path: str | Path) -> tuple[Path, np.lib.npyio.NpzFile]:
+    """The sidecar file (``.npz`` appended when only that exists), opened lazily and checked for its members."""
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".npz").exists():
+        path = path.with_name(path.name + ".npz")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such sidecar file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a sidecar .npz file ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a sidecar .npz file (a plain .npy array)")
+    missing = {"header", "keys", "offsets", "values"} - set(data.files)
+    if missing:
+        data.close()
+        raise ValueError(f"{path}: not a sidecar (lacks {', '.join(sorted(missing))})")
+    return path, data
+
+
+def read_header(path: str | Path) -> dict:
+    """A sidecar's header (name, rate, dtype, count, ...) without reading its values."""
+    path, data = _open(path)
+    with data:
+        return json.loads(str(data["header"]))
+
+
+def expect_rates(sidecars: Mapping[str, str | Path | list], rates: Mapping[str, float | None], reader: str) -> None:
+    """Refuse sidecar files whose frame rate is not the one ``reader`` reads them at (None: not frame-aligned).
+
+    Args:
+        sidecars: ``name -> path or list of paths`` (a datamodule's ``sidecars``); names not listed are skipped.
+        rates: ``name -> the rate expected``.
+        reader: who reads them, for the message (e.g. ``"the vocoder (unit_rate 50)"``).
+    """
+    for name, rate in rates.items():
+        for path in _paths(sidecars, name):
+            found = read_header(path).get("rate")
+            if found != (None if rate is None else float(rate)):
+                raise ValueError(
+                    f"{path}: sidecar {name!r} has {_describe(found)}, but {reader} reads it at {_describe(rate)} "
+                    "(label rates are not converted)"
+                )
+
+
+def _paths(sidecars: Mapping[str, str | Path | list], name: str) -> list[str | Path]:
+    paths = sidecars.get(name)
+    return [paths] if isinstance(paths, (str, Path)) else list(paths or [])
+
+
+def expect_ids_below(sidecars: Mapping[str, str | Path | list], name: str, count: int, reader: str) -> None:
+    """Refuse a unit sidecar holding ids ``>= count``: units of another k than ``reader``'s table was built for."""
+    for path in _paths(sidecars, name):
+        values = Sidecar.load(path)._values
+        top = int(values.max()) if values.size else -1
+        if top >= count:
+            raise ValueError(
+                f"{path}: sidecar {name!r} has unit ids up to {top}, but {reader} has {count} units "
+                f"(ids 0..{count - 1}): units of another k"
+            )
 
 
 class SidecarWriter:
@@ -158,21 +227,8 @@ class Sidecar(Mapping[str, np.ndarray]):
             if not parts:
                 raise ValueError("Sidecar.load got an empty list of paths")
             return cls.merge(parts)
-        path = Path(path)
-        if not path.exists() and path.with_name(path.name + ".npz").exists():
-            path = path.with_name(path.name + ".npz")
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such sidecar file")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: not a sidecar .npz file ({err})") from None
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(f"{path}: not a sidecar .npz file (a plain .npy array)")
+        path, data = _open(path)
         with data:
-            missing = {"header", "keys", "offsets", "values"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path}: not a sidecar (lacks {', '.join(sorted(missing))})")
             header = json.loads(str(data["header"]))
             keys, offsets, values = data["keys"], data["offsets"], data["values"]
         if len(offsets) != len(keys) + 1 or offsets[-1] != len(values):
@@ -184,7 +240,10 @@ class Sidecar(Mapping[str, np.ndarray]):
         first = parts[0]
         for part in parts[1:]:
             if part.rate != first.rate or part.dtype != first.dtype:
-                raise ValueError(f"cannot merge sidecars {first.source} and {part.source}: rate or dtype differ")
+                raise ValueError(
+                    f"cannot merge sidecars {first.source} ({_describe(first.rate)}, {first.dtype}) and "
+                    f"{part.source} ({_describe(part.rate)}, {part.dtype}): rate or dtype differ"
+                )
         keys = np.concatenate([np.array(list(p._index), dtype=str) for p in parts])
         values = np.concatenate([p._values for p in parts])
         lengths = np.concatenate([np.diff(p._offsets) for p in parts])
