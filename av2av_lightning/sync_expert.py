@@ -47,7 +47,7 @@ def sample_pairs(
     clips, video, audio, labels = [], [], [], []
     for clip, length in enumerate(lengths.tolist()):
         starts = length - SYNC_FRAMES + 1  # valid window starts 0 .. starts - 1
-        if starts <= min_shift:
+        if starts < 2 * min_shift:  # the shift below needs [min_shift, starts - min_shift] to be non-empty
             continue
         t = torch.randint(0, starts, (windows_per_clip,), generator=generator)
         # a shift in [min_shift, starts - 1], then wrapped into the clip: never closer than min_shift to t
