@@ -7,7 +7,11 @@ recognition head, and the loss adds two symmetric KL terms:
     L = L_cls(a) + L_cls(v) + lambda_l (KL(w^a || w^v) + KL(w^v || w^a)) + lambda_p (KL(d^a || d^v) + KL(d^v || d^a))
 
 where ``w`` are the basis weights per frame and ``d`` the prediction distributions (per clip
-for words, per frame for CTC), all in log space and over valid frames only. Two tasks share
+for words, per frame for CTC), all in log space and over valid frames only. With a face
+renderer checkpoint, ``+ lambda_r L_rec`` asks each modality's (rebuilt) features to carry
+what the renderer needs: a linear head predicts the renderer's 50 Hz unit distributions, and
+the frozen renderer redraws the lower half of random frames of the clip from them (L1 to the
+real frames, differentiable through the expected unit embeddings). Two tasks share
 the module: ``words`` (LRW-style word classification) and ``sentences`` (CTC over a
 sentencepiece vocabulary, scored with WER/CER for audio, video and audio-visual input).
 """
@@ -24,9 +28,12 @@ from torch import Tensor, nn
 
 from av2av_lightning.checkpoints import STAGE_KEY, load_avhubert
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
+from av2av_lightning.face_rendering import load_face_renderer
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
+from av2av_lightning.models.face_renderer import UNITS_PER_FRAME, mask_lower_half, soft_unit_windows
+from av2av_lightning.models.recognition_head import RecognitionHead
 from av2av_lightning.optim import stage_optimizer
 from data_prep.vocab import read_words, word_key
 
@@ -45,8 +52,9 @@ class CrossModalMutualLearning(L.LightningModule):
         codebook_size: K basis vectors; 0 is the baseline without a codebook (then ``lambda_ling`` must be 0).
         codebook_temperature: softmax temperature of the basis weights.
         lambda_ling, lambda_pred: weights of the basis-weight and prediction alignment terms.
-        lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation);
-            not available until the renderer stage exists, so any value but 0 is refused.
+        lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation).
+        renderer: a `FaceRendering` checkpoint, frozen; needed when ``lambda_rec`` > 0 (with ``load_face`` data).
+        rec_frames: frames per clip redrawn for ``L_rec`` each step.
         lr, warmup_steps, total_steps, weight_decay: AdamW with warm-up and linear decay.
     """
 
@@ -64,6 +72,8 @@ class CrossModalMutualLearning(L.LightningModule):
         lambda_ling: float = 0.0,
         lambda_pred: float = 0.0,
         lambda_rec: float = 0.0,
+        renderer: str | None = None,
+        rec_frames: int = 4,
         lr: float = 1e-3,
         warmup_steps: int = 100,
         total_steps: int | None = None,
@@ -73,8 +83,10 @@ class CrossModalMutualLearning(L.LightningModule):
         self.save_hyperparameters()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-        if lambda_rec:
-            raise ValueError("lambda_rec needs the renderer stage, which does not exist yet: the + L_rec row is n/a")
+        if lambda_rec and not renderer:
+            raise ValueError(
+                "lambda_rec reconstructs faces through a renderer: set renderer to a FaceRendering checkpoint"
+            )
         if lambda_ling and not codebook_size:
             raise ValueError("lambda_ling aligns codebook weights: set codebook_size > 0")
         self.encoder = _encoder(pretrained, preset, encoder)
@@ -85,7 +97,7 @@ class CrossModalMutualLearning(L.LightningModule):
                 raise ValueError("task 'words' needs a word list (words: path from `av2av vocab words`)")
             self.words = read_words(words)
             self.word_ids = {w: i for i, w in enumerate(self.words)}
-            self.head = nn.Linear(dim, len(self.words))
+            self.head = RecognitionHead(dim, len(self.words), pool=True)
             self.accuracy = nn.ModuleDict({m: WordAccuracy() for m in ("audio", "video")})
         else:
             if not spm_model:
@@ -94,9 +106,20 @@ class CrossModalMutualLearning(L.LightningModule):
 
             self.pieces = sentencepiece.SentencePieceProcessor(model_file=spm_model)
             self.blank = self.pieces.get_piece_size()
-            self.head = nn.Linear(dim, self.blank + 1)
+            self.head = RecognitionHead(dim, self.blank + 1, pool=False)
             self.wer = nn.ModuleDict({m: WordErrorRate() for m in ("audio", "video", "av")})
             self.cer = nn.ModuleDict({m: CharErrorRate() for m in ("audio", "video", "av")})
+        self.renderer = self.unit_head = None
+        if lambda_rec:
+            self.renderer = load_face_renderer(renderer).eval().requires_grad_(False)
+            self.unit_head = nn.Linear(dim, UNITS_PER_FRAME * self.renderer.config.num_units)
+
+    def train(self, mode: bool = True) -> CrossModalMutualLearning:
+        """The frozen renderer stays in eval mode (its batch-norm statistics and dropout are part of it)."""
+        super().train(mode)
+        if self.renderer is not None:
+            self.renderer.eval()
+        return self
 
     # ------------------------------------------------------------------ features
 
@@ -109,15 +132,16 @@ class CrossModalMutualLearning(L.LightningModule):
             )
         return output.features
 
+    def rebuild(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The features the head sees (``s = w B`` with a codebook, else the encoder's) and the log basis weights."""
+        if self.codebook is None:
+            return features, None
+        return self.codebook(features)
+
     def recognise(self, features: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor | None]:
         """Log-probabilities of the head (per clip for words, per frame for sentences) and the log basis weights."""
-        log_weights = None
-        if self.codebook is not None:
-            features, log_weights = self.codebook(features)
-        if self.hparams.task == "words":
-            valid = (~padding_mask).unsqueeze(-1).to(features.dtype)
-            features = (features * valid).sum(1) / valid.sum(1).clamp(min=1.0)
-        return F.log_softmax(self.head(features).float(), dim=-1), log_weights
+        features, log_weights = self.rebuild(features)
+        return self.head(features, padding_mask), log_weights
 
     # ------------------------------------------------------------------ losses
 
@@ -144,10 +168,28 @@ class CrossModalMutualLearning(L.LightningModule):
             zero_infinity=True,
         )
 
+    def reconstruction_loss(self, features: Tensor, batch: AVBatch) -> Tensor:
+        """L1 of ``rec_frames`` random frames per clip redrawn by the frozen renderer (lower half masked, a random
+        frame of the same clip as reference) from the unit distributions the unit head predicts from ``features``."""
+        if batch.face is None:
+            raise ValueError("lambda_rec redraws the input faces: build the datamodule with load_face=True")
+        clips, frames = features.shape[:2]
+        units = self.unit_head(features).view(clips, frames * UNITS_PER_FRAME, -1).softmax(-1)
+        units = units * (~batch.padding_mask).repeat_interleave(UNITS_PER_FRAME, 1).unsqueeze(-1)
+        windows = soft_unit_windows(units, frames, self.renderer.config.window)
+        clip = torch.arange(clips, device=self.device).repeat_interleave(self.hparams.rec_frames)
+        lengths = batch.lengths.to(self.device)[clip]
+        frame, reference = ((torch.rand(2, len(clip), device=self.device) * lengths).long()).unbind(0)
+        target = batch.face[clip, frame]
+        redrawn = self.renderer(mask_lower_half(target), batch.face[clip, reference], windows[clip, frame])
+        return F.l1_loss(redrawn, target)
+
     def mutual_learning_loss(self, batch: AVBatch) -> tuple[Tensor, dict[str, Tensor]]:
         valid = ~batch.padding_mask
-        log_probs_a, log_weights_a = self.recognise(self.features(batch, True, False), batch.padding_mask)
-        log_probs_v, log_weights_v = self.recognise(self.features(batch, False, True), batch.padding_mask)
+        rebuilt_a, log_weights_a = self.rebuild(self.features(batch, True, False))
+        rebuilt_v, log_weights_v = self.rebuild(self.features(batch, False, True))
+        log_probs_a = self.head(rebuilt_a, batch.padding_mask)
+        log_probs_v = self.head(rebuilt_v, batch.padding_mask)
         parts = {
             "cls_audio": self.classification_loss(log_probs_a, batch),
             "cls_video": self.classification_loss(log_probs_v, batch),
@@ -159,6 +201,9 @@ class CrossModalMutualLearning(L.LightningModule):
         loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]
         if self.codebook is not None:
             loss = loss + self.hparams.lambda_ling * parts["ling_align"]
+        if self.renderer is not None:
+            parts["rec"] = (self.reconstruction_loss(rebuilt_a, batch) + self.reconstruction_loss(rebuilt_v, batch)) / 2
+            loss = loss + self.hparams.lambda_rec * parts["rec"]
         return loss, parts
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -223,9 +268,14 @@ class CrossModalMutualLearning(L.LightningModule):
 
 
 def _encoder(pretrained: str | None, preset: str, overrides: dict | None) -> AVHubert:
-    """The pretrained encoder (or a fresh one), with modality dropout off: each modality is fed on its own."""
+    """The pretrained encoder (or a fresh one), with modality dropout off: each modality is fed on its own. The
+    masked-prediction head and mask embedding are frozen: nothing here reaches them, and DDP refuses parameters
+    that never get a gradient."""
     if pretrained:
         encoder = load_avhubert(pretrained).train()
         encoder.config.modality_dropout = 0.0
-        return encoder
-    return AVHubert(AVHubertConfig.preset(preset, **{**(overrides or {}), "modality_dropout": 0.0}))
+    else:
+        encoder = AVHubert(AVHubertConfig.preset(preset, **{**(overrides or {}), "modality_dropout": 0.0}))
+    for unused in (encoder.mask_emb, encoder.label_embs_concat, *encoder.final_proj.parameters()):
+        unused.requires_grad_(False)
+    return encoder

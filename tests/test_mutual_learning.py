@@ -51,8 +51,6 @@ def test_symmetric_kl_is_symmetric_zero_on_equal_and_masked():
 
 
 def test_bad_settings_are_one_line_errors(word_list):
-    with pytest.raises(ValueError, match="renderer stage"):
-        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0)
     with pytest.raises(ValueError, match="codebook_size > 0"):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_ling=1.0)
     with pytest.raises(ValueError, match="needs a word list"):
@@ -134,19 +132,96 @@ def test_sentence_ctc_task_learns_and_reports_wer_per_input(tiny_corpus, tmp_pat
     assert module.greedy_decode(log_probs, torch.tensor([5])) == [module.pieces.decode([a, b])]
 
 
+@pytest.fixture(scope="module")
+def face_renderer(tmp_path_factory) -> Path:
+    """A tiny face renderer checkpoint, untrained but with batch-norm statistics of real-range inputs (at their
+    initial values an eval-mode renderer saturates and passes no gradient back to its units)."""
+    from test_av2av import save_stage
+
+    from av2av_lightning.face_rendering import FaceRendering
+
+    torch.manual_seed(0)
+    stage = FaceRendering("tiny", {"num_units": 12})
+    with torch.no_grad():
+        for _ in range(20):
+            faces = torch.rand(8, 3, 96, 96)
+            stage.model(faces, faces.roll(1, 0), torch.randint(0, 12, (8, 2 * stage.model.config.window)))
+    return save_stage(stage, tmp_path_factory.mktemp("renderer") / "face.ckpt")
+
+
 @pytest.mark.parametrize("delta", ["baseline", "codebook", "full", "full_rec"])
-def test_ablation_configs_build_the_published_rows(delta, word_list):
-    """Each ablation delta over the tiny config gives the row's module (the + L_rec row is refused, not faked)."""
+def test_ablation_configs_build_the_published_rows(delta, word_list, face_renderer):
+    """Each ablation delta over the tiny config gives the row's module."""
     import yaml
 
     root = Path(__file__).parents[1] / "experiments"
     base = yaml.safe_load((root / "mutual_learning/tiny_words.yaml").read_text())["model"]["init_args"]
-    row = yaml.safe_load((root / f"ablations/mutual_learning/{delta}.yaml").read_text())["model"]["init_args"]
+    delta_config = yaml.safe_load((root / f"ablations/mutual_learning/{delta}.yaml").read_text())
+    row = delta_config["model"]["init_args"]
     args = {**base, **row, "words": str(word_list), "pretrained": None, "encoder": SMALL}
-    if delta == "full_rec":
-        with pytest.raises(ValueError, match="renderer"):
-            CrossModalMutualLearning(**args)
-        return
+    if "renderer" in row:
+        args["renderer"] = str(face_renderer)
     module = CrossModalMutualLearning(**args)
     assert (module.codebook is None) == (delta == "baseline")
     assert module.hparams.lambda_ling == row["lambda_ling"]
+    assert (module.renderer is not None) == (delta == "full_rec")
+    assert delta_config.get("data", {}).get("load_face", False) == (delta == "full_rec")
+
+
+def test_soft_unit_windows_render_one_hot_units_as_their_ids():
+    """The differentiable path of L_rec: one-hot unit distributions give the renderer exactly what unit ids give."""
+    from av2av_lightning.models.face_renderer import FaceRenderer, FaceRendererConfig, soft_unit_windows, unit_windows
+
+    torch.manual_seed(0)
+    renderer = FaceRenderer(FaceRendererConfig.preset("tiny", num_units=7)).eval()
+    units = torch.randint(0, 7, (2, 12))  # 6 frames of 50 Hz units
+    ids = unit_windows(units, 6, renderer.config.window, pad=7)
+    soft = soft_unit_windows(torch.nn.functional.one_hot(units, 7).float(), 6, renderer.config.window)
+    assert soft.shape == (*ids.shape, 7)
+    assert torch.equal(soft.argmax(-1)[ids != 7], ids[ids != 7]) and bool((soft.sum(-1) == 0).eq(ids == 7).all())
+    faces = torch.rand(12, 3, 96, 96)
+    with torch.no_grad():
+        by_ids = renderer(faces, faces.flip(0), ids.reshape(12, -1))
+        by_soft = renderer(faces, faces.flip(0), soft.reshape(12, -1, 7))
+    torch.testing.assert_close(by_soft, by_ids)
+
+
+def test_reconstruction_through_the_frozen_renderer_trains_the_encoder_not_the_renderer(
+    tiny_corpus, word_list, face_renderer
+):
+    """+ L_rec on one batch: the redrawn faces' L1 falls as the encoder and the unit head learn; the renderer, whose
+    batch-norm statistics are part of it, stays fixed and in eval mode. (An untrained renderer draws little from its
+    units, so the fall is small; what it redraws is the point.)"""
+    torch.manual_seed(0)
+    module = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, codebook_size=16, lambda_ling=0.1, lambda_pred=0.1, lambda_rec=1.0,
+        renderer=str(face_renderer),
+    )  # fmt: skip
+    data = AVDataModule(val_shards=shards(tiny_corpus, "words", "train"), max_frames=29 * 4, num_workers=0,
+                        load_face=True, words=str(word_list))  # fmt: skip
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    renderer_before = {k: v.clone() for k, v in module.renderer.state_dict().items()}
+    module.train()
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    history = []
+    for _ in range(25):
+        torch.manual_seed(1)  # the same frames and references every step
+        loss, parts = module.mutual_learning_loss(batch)
+        optimizer.zero_grad()
+        parts["rec"].backward()
+        optimizer.step()
+        history.append(float(parts["rec"]))
+    assert module.unit_head.weight.grad.abs().sum() > 0
+    assert module.encoder.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    assert not module.renderer.training and all(p.grad is None for p in module.renderer.parameters())
+    assert all(torch.equal(renderer_before[k], v) for k, v in module.renderer.state_dict().items())
+    assert history[-1] < history[0] and min(history) < history[0], history
+    assert torch.isfinite(loss)
+
+
+def test_reconstruction_needs_a_renderer_and_faces(word_list, face_renderer):
+    with pytest.raises(ValueError, match="set renderer to a FaceRendering checkpoint"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0)
+    with pytest.raises(FileNotFoundError):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0, renderer="missing.ckpt")

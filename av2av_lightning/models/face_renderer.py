@@ -113,6 +113,15 @@ def unit_windows(units: Tensor, frames: int, window: int, pad: int) -> Tensor:
     return units.unfold(1, 2 * window, UNITS_PER_FRAME)[:, :frames]
 
 
+def soft_unit_windows(units: Tensor, frames: int, window: int) -> Tensor:
+    """`unit_windows` of unit distributions: ``[B, U, K]`` at 50 Hz -> ``[B, frames, 2 * window, K]``, all-zero rows
+    outside the sequence (a model that predicts units renders through them and stays differentiable)."""
+    needed = UNITS_PER_FRAME * frames
+    units = units[:, :needed]
+    units = F.pad(units, (0, 0, window - 1, window + 1 + needed - units.shape[1]))
+    return units.unfold(1, 2 * window, UNITS_PER_FRAME)[:, :frames].transpose(-1, -2)
+
+
 class UnitConditioner(nn.Module):
     """A window of units -> one code per frame: embedding + learned positions, one Transformer layer, mean."""
 
@@ -126,9 +135,15 @@ class UnitConditioner(nn.Module):
         self.norm = nn.LayerNorm(config.unit_dim)
 
     def forward(self, windows: Tensor) -> Tensor:
-        """``[N, 2W]`` unit ids (``num_units`` = padding) -> ``[N, unit_dim]``."""
-        padding = windows == self.pad
-        x = self.layer(self.embedding(windows) + self.positions, padding)
+        """``[N, 2W]`` unit ids (``num_units`` = padding), or ``[N, 2W, num_units]`` unit distributions (all-zero
+        rows = padding; their embedding is the expected one), -> ``[N, unit_dim]``."""
+        if windows.is_floating_point():
+            padding = windows.sum(-1) == 0
+            embedded = windows @ self.embedding.weight[: self.pad]
+        else:
+            padding = windows == self.pad
+            embedded = self.embedding(windows)
+        x = self.layer(embedded + self.positions, padding)
         keep = (~padding).unsqueeze(-1).float()
         return self.norm((x * keep).sum(1) / keep.sum(1).clamp(min=1.0))
 
@@ -157,7 +172,8 @@ class FaceRenderer(nn.Module):
         )
 
     def forward(self, masked: Tensor, reference: Tensor, windows: Tensor) -> Tensor:
-        """``masked``, ``reference`` ``[N, 3, 96, 96]`` in [0, 1], ``windows`` ``[N, 2W]`` -> ``[N, 3, 96, 96]``."""
+        """``masked``, ``reference`` ``[N, 3, 96, 96]`` in [0, 1], ``windows`` ``[N, 2W]`` unit ids or ``[N, 2W, K]``
+        unit distributions -> ``[N, 3, 96, 96]``."""
         if tuple(masked.shape[1:]) != (3, FACE_SIZE, FACE_SIZE) or masked.shape != reference.shape:
             raise ValueError(
                 f"expected target and reference faces [N, 3, {FACE_SIZE}, {FACE_SIZE}], got"
