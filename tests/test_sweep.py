@@ -128,7 +128,13 @@ def tiny_words_base(tiny_corpus, tmp_path: Path) -> Path:
         pretrained=None,
         encoder={"embed_dim": 32, "layers": 1, "ffn_dim": 64, "heads": 2, "resnet_width": 4},
     )
-    base["data"].update(train_shards=words, val_shards=words, num_workers=0, train_batches_per_epoch=2)
+    base["data"].update(
+        train_shards=words,
+        val_shards=words,
+        words=str(tmp_path / "words.txt"),
+        num_workers=0,
+        train_batches_per_epoch=2,
+    )
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     return tmp_path / "base.yaml"
 
@@ -172,7 +178,8 @@ def test_config_redaction_and_experiment_names():
 
 @pytest.mark.slow
 def test_wandb_run_gets_the_resolved_config_and_tags_offline(tiny_corpus, tmp_path, monkeypatch):
-    """`av2av fit` as the CLI runs it, with `WandbConfigCallback` and an offline W&B logger."""
+    """`av2av fit` as the CLI runs it, with `WandbConfigCallback` and an offline W&B logger that also logs the
+    checkpoint as a model artifact (``log_model``: uploaded by ``wandb sync``, or at once when online)."""
     import lightning as L
     import wandb
     from lightning.pytorch.cli import LightningCLI
@@ -187,6 +194,7 @@ def test_wandb_run_gets_the_resolved_config_and_tags_offline(tiny_corpus, tmp_pa
     logger = [
         "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.log_model=true",
     ]
     args = ["fit", "--config", str(base), "--config", str(delta), *logger, "--model.init_args.lr=0.0042"]
     args += ["--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"]
@@ -199,4 +207,6 @@ def test_wandb_run_gets_the_resolved_config_and_tags_offline(tiny_corpus, tmp_pa
         assert set(run.tags) == {f"experiment:{base.parent.name}/base", "ablation:baseline"}
     finally:
         wandb.finish()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    [log] = (tmp_path / "wandb").glob(f"offline-run-*/run-{run.id}.wandb")
+    records = log.read_bytes()  # the run's protobuf record log: the artifact's name and its one file
+    assert f"model-{run.id}".encode() in records and b"model.ckpt" in records
