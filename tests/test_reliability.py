@@ -184,15 +184,29 @@ def stage_configs(tiny_corpus, tmp_path_factory):
     }
 
 
-def kill_then_resume(config_of, tmp_path: Path) -> tuple[Path, Path, Path, dict]:
-    """An uninterrupted run and a run SIGKILLed at step 6 (mid-epoch 1 of 4-step epochs) side by side, then the
-    killed one resumed with ``--ckpt_path last``: (straight root, killed root, resumed config, start checkpoint)."""
+def kill_then_resume(
+    config_of, tmp_path: Path, kill_at: int = 6, save_every: int | None = None
+) -> tuple[Path, Path, Path, dict]:
+    """An uninterrupted run and a run SIGKILLed at step ``kill_at`` (mid-epoch 1 of 4-step epochs) side by side,
+    then the killed one resumed: with ``--ckpt_path last`` (written at the end of epoch 0), or with ``save_every``
+    from the step checkpoint ``steps/step=<save_every>.ckpt`` written mid-epoch. Returns (straight root, killed
+    root, resumed config, start checkpoint)."""
     (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
+
+    def configured(root: Path) -> dict:
+        config = config_of(root)
+        if save_every:
+            steps = {"dirpath": str(root / "steps"), "filename": "{step}", "every_n_train_steps": save_every}
+            steps["save_top_k"] = -1
+            checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": steps}
+            config["trainer"]["callbacks"].append(checkpoints)
+        return config
+
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    config = write_yaml(tmp_path / "run.yaml", config_of(straight))
-    resumed_config = config_of(killed)
+    config = write_yaml(tmp_path / "run.yaml", configured(straight))
+    resumed_config = configured(killed)
     resumed = write_yaml(tmp_path / "resumed.yaml", resumed_config)
-    resumed_config["trainer"]["callbacks"].append({"class_path": "killer.KillAt", "init_args": {"step": 6}})
+    resumed_config["trainer"]["callbacks"].append({"class_path": "killer.KillAt", "init_args": {"step": kill_at}})
     doomed = write_yaml(tmp_path / "doomed.yaml", resumed_config)
 
     # one core each
@@ -202,10 +216,11 @@ def kill_then_resume(config_of, tmp_path: Path) -> tuple[Path, Path, Path, dict]
     outputs = [p.communicate(timeout=300)[1] for p in procs]
     assert procs[0].returncode == 0, outputs[0][-3000:]
     assert procs[1].returncode == -signal.SIGKILL, outputs[1][-3000:]
-    start = load_checkpoint(killed / "ckpt" / "last.ckpt")
-    assert start["global_step"] == 4  # the end of epoch 0
+    checkpoint = killed / "steps" / f"step={save_every}.ckpt" if save_every else killed / "ckpt" / "last.ckpt"
+    start = load_checkpoint(checkpoint)
+    assert start["global_step"] == (save_every or 4)  # mid-epoch, or the end of epoch 0
 
-    result = run_av2av("fit", "--config", str(resumed), "--ckpt_path", "last")
+    result = run_av2av("fit", "--config", str(resumed), "--ckpt_path", str(checkpoint) if save_every else "last")
     assert result.returncode == 0, result.stderr[-3000:]
     return straight, killed, resumed, start
 

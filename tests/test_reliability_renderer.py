@@ -179,8 +179,8 @@ class NaNVocoder(UnitVocoder):
         return loss * float("nan") if nan else loss
 
 
-class SkippingVocoder(UnitVocoder):
-    """The reference: a vocoder that does nothing on one batch."""
+class SkipsBatch:
+    """Stage mixin, the reference run: the stage does nothing on batch ``skip_batch``."""
 
     def __init__(self, skip_batch: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -189,6 +189,10 @@ class SkippingVocoder(UnitVocoder):
     def training_step(self, batch, batch_idx):
         if batch_idx != self.skip_batch:
             return super().training_step(batch, batch_idx)
+
+
+class SkippingVocoder(SkipsBatch, UnitVocoder):
+    pass
 
 
 class NaNFace(FaceRendering):
@@ -204,16 +208,8 @@ class NaNFace(FaceRendering):
         return super().training_step(batch, batch_idx)
 
 
-class SkippingFace(FaceRendering):
-    """The reference: a face renderer that does nothing on one batch."""
-
-    def __init__(self, skip_batch: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.skip_batch = skip_batch
-
-    def training_step(self, batch, batch_idx):
-        if batch_idx != self.skip_batch:
-            return super().training_step(batch, batch_idx)
+class SkippingFace(SkipsBatch, FaceRendering):
+    pass
 
 
 def trained_state(module, trainer) -> dict[str, Any]:

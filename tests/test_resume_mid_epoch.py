@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_ddp_translation import write_split
-from test_reliability import ENV, KILLER, load_checkpoint, metrics, run_av2av, weights, write_yaml
+from test_reliability import kill_then_resume, metrics, weights
 
 from av2av_lightning.data.datamodule import AVDataModule
 from av2av_lightning.data.unit_pairs import UnitPairDataModule
@@ -145,43 +140,14 @@ def test_a_restored_unit_pair_loader_continues_with_the_next_batch(unit_data, wo
 
 
 def kill_then_resume_mid_epoch(config_of, tmp_path: Path, save_every: int = 5, kill_at: int = 7) -> tuple:
-    """`test_reliability.kill_then_resume`, but the resumed run starts from a step checkpoint written mid-epoch
-    (``every_n_train_steps``; with 4-step epochs step 5 is after the first batch of epoch 1): an uninterrupted
-    run and one SIGKILLed at ``kill_at`` side by side, then the killed one resumed from ``step=<save_every>.ckpt``.
-    Returns (straight root, killed root, start checkpoint)."""
-    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
-
-    def with_step_checkpoints(root: Path) -> dict:
-        config = config_of(root)
-        steps = {"dirpath": str(root / "steps"), "filename": "{step}", "every_n_train_steps": save_every}
-        steps.update(save_top_k=-1)
-        config["trainer"]["callbacks"].append(
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": steps}
-        )
-        return config
-
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    config = write_yaml(tmp_path / "run.yaml", with_step_checkpoints(straight))
-    resumed_config = with_step_checkpoints(killed)
-    resumed = write_yaml(tmp_path / "resumed.yaml", resumed_config)
-    resumed_config["trainer"]["callbacks"].append({"class_path": "killer.KillAt", "init_args": {"step": kill_at}})
-    doomed = write_yaml(tmp_path / "doomed.yaml", resumed_config)
-
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "av2av_lightning", "fit", "--config"]
-    procs = [subprocess.Popen([*command, str(c)], env=env, stderr=subprocess.PIPE, text=True) for c in (config, doomed)]
-    outputs = [p.communicate(timeout=300)[1] for p in procs]
-    assert procs[0].returncode == 0, outputs[0][-3000:]
-    assert procs[1].returncode == -signal.SIGKILL, outputs[1][-3000:]
-    checkpoint = killed / "steps" / f"step={save_every}.ckpt"
-    start = load_checkpoint(checkpoint)
-    assert start["global_step"] == save_every and start["epoch"] == 1  # mid-epoch 1
+    """`test_reliability.kill_then_resume` from a step checkpoint written mid-epoch (with 4-step epochs step 5 is
+    after the first batch of epoch 1), whose saved loader position is checked. Returns (straight root, killed root,
+    start checkpoint)."""
+    straight, killed, _, start = kill_then_resume(config_of, tmp_path, kill_at, save_every)
+    assert start["epoch"] == 1  # mid-epoch 1
     position = {"epoch": 1, "batches": save_every - 4}
     assert start["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]  # Lightning's own copy
     assert [v["train_position"] for k, v in start.items() if k.endswith("DataModule")] == [position]  # ours
-
-    result = run_av2av("fit", "--config", str(resumed), "--ckpt_path", str(checkpoint))
-    assert result.returncode == 0, result.stderr[-3000:]
     return straight, killed, start
 
 
