@@ -8,6 +8,10 @@ input share one dictionary and can be compared.
 The other way, as AV2AV does: `head_source` reads the model's own label heads (the argmax of each head's
 cosine logits per 25 Hz frame) and interleaves them, so two heads give a 50 Hz unit stream; no k-means.
 
+Units from noisy speech: every source takes a `WaveNoise` (SNR, white or babble) mixed into the waveform before
+the audio features, seeded per sample key so A and AV units of a clip hear the same noise; video-only input reads
+no audio and is unaffected. The source spec (with its noise) is recorded as ``source`` in each sidecar's header.
+
 Consecutive repeats are removed for translation; their run lengths are kept for the renderer, so the frame
 sequence is exactly ``np.repeat(units, durations)``. For each split the output folder gets:
 
@@ -28,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.data.schema import VIDEO_FPS
 from av2av_lightning.data.sidecar import SidecarWriter
 from data_prep.clustering.kmeans import (
     LABEL_DTYPE,
     FeatureSource,
     KMeansQuantizer,
+    WaveNoise,
     extract_features,
     fit_on_shards,
     layer_source,
@@ -97,7 +103,12 @@ def read_unit_dictionary(path: str | Path) -> int:
 
 
 def head_source(
-    model, checkpoint: str | None = None, modality: str = "audio", batch_frames: int = 2000, device="cpu"
+    model,
+    checkpoint: str | None = None,
+    modality: str = "audio",
+    batch_frames: int = 2000,
+    device="cpu",
+    noise: WaveNoise | None = None,
 ) -> FeatureSource:
     """Units from the model's own label heads: per 25 Hz frame the argmax of each head, as ``[frames, heads]``
     "features" that `extract_units` (``quantizer=None``) flattens frame by frame into ``heads x 25`` Hz units.
@@ -114,10 +125,14 @@ def head_source(
         features = model.extract_features(audio, video, padding_mask)[0]
         return torch.stack([model.logits(features, i).argmax(-1) for i in range(len(classes))], -1).float()
 
-    source = layer_source(fn, 0, checkpoint, modality, batched=True, batch_frames=batch_frames, device=device)
+    source = layer_source(
+        fn, 0, checkpoint, modality, batched=True, batch_frames=batch_frames, device=device, noise=noise
+    )
     rate = VIDEO_FPS * len(classes)
     source.spec = {"kind": "heads", "heads": len(classes), "k": classes[0], "checkpoint": checkpoint, "rate": rate}
     source.spec["modality"] = modality
+    if source.noise is not None:
+        source.spec["noise"] = source.noise.spec
     return source
 
 
@@ -140,8 +155,10 @@ def extract_units(
     if k > np.iinfo(LABEL_DTYPE).max + 1:
         raise ValueError(f"k={k} does not fit the {LABEL_DTYPE} units of a sidecar")
     out_dir = Path(out_dir)
-    units_out = SidecarWriter(out_dir / f"{split}.units.npz", "units", None, LABEL_DTYPE)
-    durations_out = SidecarWriter(out_dir / f"{split}.durations.npz", "durations", None, LABEL_DTYPE)
+    units_out = SidecarWriter(out_dir / f"{split}.units.npz", "units", None, LABEL_DTYPE, source=source.spec)
+    durations_out = SidecarWriter(
+        out_dir / f"{split}.durations.npz", "durations", None, LABEL_DTYPE, source=source.spec
+    )
     counts = np.zeros(k, dtype=np.int64)
     for meta, feats in extract_features(shards, source, progress=progress, desc=f"units {split}"):
         frames = quantizer(feats) if quantizer is not None else feats.astype(np.int64).reshape(-1)
@@ -199,12 +216,15 @@ def _extract(args: argparse.Namespace) -> None:
         raise ValueError("--heads reads the model's label heads: give no --quantizer")
     if args.quantizer is None and not args.shards and not args.heads:
         raise ValueError("--shards (training shards to fit k-means on) is required without --quantizer")
+    noise = None if args.noise_snr is None else WaveNoise(args.noise_snr, args.noise_type)
+    if noise is not None and args.modality == "video":
+        print(f"video-only input reads no audio: --noise-snr {args.noise_snr:g} does not apply")
     device = resolve_device(args.device)
     model = load_encoder(args.checkpoint)
     if args.heads:
-        source = head_source(model, args.checkpoint, args.modality, device=device)
+        source = head_source(model, args.checkpoint, args.modality, device=device, noise=noise)
     else:
-        source = model_layer_source(model, args.layer, args.checkpoint, args.modality, device=device)
+        source = model_layer_source(model, args.layer, args.checkpoint, args.modality, device=device, noise=noise)
     quantizer = KMeansQuantizer.load(args.quantizer) if args.quantizer else None
     k, paths = build_units(
         parse_splits(args.label, args.shards),
@@ -218,8 +238,9 @@ def _extract(args: argparse.Namespace) -> None:
         not args.quiet,
     )
     print(f"{Path(args.out) / DICTIONARY_NAME}: {k} units at {source.spec['rate']:g} Hz before de-duplication")
+    heard = f" with {noise.kind} noise at {noise.snr_db:g} dB" if source.noise is not None else ""
     for split, path in paths.items():
-        print(f"{path}: {split} units from {args.modality} input, repeats removed (durations beside it)")
+        print(f"{path}: {split} units from {args.modality} input{heard}, repeats removed (durations beside it)")
 
 
 def add_arguments(commands) -> None:
@@ -238,6 +259,8 @@ def add_arguments(commands) -> None:
     extract.add_argument("--k", type=int, default=100, help="number of units (1000 at base/large)")
     extract.add_argument("--sample-fraction", type=float, default=0.1, help="fraction of utterances to fit on")
     extract.add_argument("--seed", type=int, default=0)
+    extract.add_argument("--noise-snr", type=float, metavar="DB", help="mix noise into the audio at this SNR (dB)")
+    extract.add_argument("--noise-type", choices=NOISE_TYPES, default="babble", help="noise of --noise-snr")
     extract.add_argument("--device", default="auto", help="cpu, cuda or auto")
     extract.add_argument("--quiet", action="store_true", help="no progress bars")
     extract.set_defaults(handler=_extract)

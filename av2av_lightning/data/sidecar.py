@@ -2,7 +2,8 @@
 
 A sidecar is one ``.npz`` file (readable with ``np.load(path, allow_pickle=False)``) with:
 
-- ``header``: a 0-d string array holding JSON ``{"name", "rate", "dtype", "count", "shape", "version"}``;
+- ``header``: a 0-d string array holding JSON ``{"name", "rate", "dtype", "count", "shape", "version"}``
+  (and ``source``, what the values were computed from, when the writer was told);
   ``rate`` is the frame rate in Hz (25, 50, 100, ...) or ``null`` for sequences not aligned
   with the video (e.g. de-duplicated units);
 - ``keys``: ``[N]`` unicode sample keys;
@@ -114,14 +115,19 @@ class SidecarWriter:
         name: what the data is (``km100``, ``units``); used in messages and batch fields.
         rate_hz: frames per second of the arrays (25, 50, 100), or None if not time-aligned.
         dtype: numpy dtype the arrays are stored in (e.g. ``int16`` for up to 32767 clusters).
+        source: JSON-able description of what the values were computed from (e.g. a unit source's spec and noise),
+            stored in the header as ``source``.
     """
 
-    def __init__(self, path: str | Path, name: str, rate_hz: float | None, dtype="int32") -> None:
+    def __init__(
+        self, path: str | Path, name: str, rate_hz: float | None, dtype="int32", source: dict | None = None
+    ) -> None:
         path = Path(path)
         self.path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
         self.name = str(name)
         self.rate = _rate(rate_hz)
         self.dtype = np.dtype(dtype)
+        self.source = source
         self._keys: list[str] = []
         self._seen: set[str] = set()
         self._values: list[np.ndarray] = []
@@ -169,6 +175,8 @@ class SidecarWriter:
             "shape": list(trailing),
             "version": SIDECAR_VERSION,
         }
+        if self.source is not None:
+            header["source"] = self.source
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + f".partial-{os.getpid()}")
         try:

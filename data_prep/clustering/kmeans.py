@@ -17,15 +17,19 @@ wraps a model layer of the previous iteration (25 Hz), given either per utteranc
 `model_layer_source` adapts a model with AV-HuBERT's ``extract_features``.
 Utterances are read straight from the tar shards (`iter_samples`), so fitting decodes
 only the sampled utterances.
+
+A layer source may add `WaveNoise` to every waveform before its audio features (units from
+noisy speech); video-only input reads no audio, so noise never reaches it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ from tqdm import tqdm
 
 from av2av_lightning.data.codecs import CorruptSampleError, decode_audio, decode_video
 from av2av_lightning.data.features import audio_features
+from av2av_lightning.data.noise import NOISE_TYPES, NoiseAugmenter
 from av2av_lightning.data.pipeline import resolve_shards
 from av2av_lightning.data.schema import (
     AUDIO_FIELD,
@@ -59,6 +64,7 @@ MODALITIES = ("av", "audio", "video")
 
 __all__ = [
     "ClusterSample",
+    "WaveNoise",
     "build_targets",
     "FeatureSource",
     "KMeansQuantizer",
@@ -309,6 +315,45 @@ def sample_selector(fraction: float, seed: int) -> Callable[[str], bool]:
 # ---------------------------------------------------------------------------- feature sources
 
 
+@dataclass(frozen=True)
+class WaveNoise:
+    """Noise mixed into every waveform at ``snr_db`` (``type`` white or babble) before its audio features.
+
+    Each sample's generator is seeded by ``(seed, crc32(key))``, so a clip read as A and as AV input gets the
+    same noise, on every run. Babble sums ``talkers`` clean utterances read before it in the same pass (the
+    `NoiseAugmenter` reservoir, fed with each clean wave after its mix), so it also depends on the shards and
+    their order, which A and AV extraction share; the first utterance of a pass has no one to hear and gets
+    white noise.
+    """
+
+    snr_db: float
+    kind: str = "babble"
+    talkers: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_TYPES:
+            raise ValueError(f"noise type must be one of {', '.join(NOISE_TYPES)}, got {self.kind!r}")
+        if not isinstance(self.snr_db, (int, float)) or not math.isfinite(self.snr_db):
+            raise ValueError(f"noise SNR must be a finite number of dB, got {self.snr_db!r}")
+        if self.talkers < 1:
+            raise ValueError(f"babble needs at least one talker, got {self.talkers}")
+
+    @property
+    def spec(self) -> dict:
+        """What the feature spec (quantizer and sidecar headers) records."""
+        return {"snr_db": float(self.snr_db), "type": self.kind, "talkers": self.talkers, "seed": self.seed}
+
+    def mix(self, samples: Iterable[ClusterSample]) -> Iterator[ClusterSample]:
+        """The samples with noisy waves; each call is one pass with an empty babble reservoir."""
+        augmenter = NoiseAugmenter(1.0, float(self.snr_db), (self.kind,), self.talkers)
+        for sample in samples:
+            rng = np.random.default_rng([self.seed, zlib.crc32(sample.key.encode())])
+            noisy, _ = augmenter(sample.wave, rng)
+            augmenter.observe(sample.wave, rng)
+            yield replace(sample, wave=noisy)
+
+
 @dataclass
 class FeatureSource:
     """Per-frame features of decoded utterances, and how to describe them.
@@ -320,6 +365,7 @@ class FeatureSource:
         spec: what the features are, stored in the quantizer header.
         needs_video: decode the lip video for ``fn``.
         batch_frames: video frames of samples handed to ``fn`` per call.
+        noise: mixed into the waves before ``fn`` sees them (None: clean).
     """
 
     fn: Callable[[list[ClusterSample]], list[np.ndarray]]
@@ -327,6 +373,7 @@ class FeatureSource:
     spec: dict = field(default_factory=dict)
     needs_video: bool = False
     batch_frames: int = 1
+    noise: WaveNoise | None = None
 
     def frames(self, sample: ClusterSample) -> int:
         return int(round(sample.num_frames * self.rate / VIDEO_FPS))
@@ -349,6 +396,7 @@ def layer_source(
     batched: bool = False,
     batch_frames: int = 2000,
     device: str | torch.device = "cpu",
+    noise: WaveNoise | None = None,
 ) -> FeatureSource:
     """Later iterations: features of a layer of the previous model at 25 Hz.
 
@@ -362,11 +410,17 @@ def layer_source(
       padding_mask [B,T] bool, True = padding) -> [B, T, D]``, with up to ``batch_frames``
       padded video frames per call.
 
+    ``noise`` is mixed into the waveform before `audio_features` and recorded in the spec; video-only input
+    reads no audio, so there it is dropped (and not recorded).
+
     ``layer`` and ``checkpoint`` only describe the features (quantizer header).
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     use_audio, use_video = modality in ("av", "audio"), modality in ("av", "video")
+    if noise is not None and not use_audio:
+        log.info("video-only input reads no audio: the %s noise at %g dB does not apply", noise.kind, noise.snr_db)
+        noise = None
 
     def inputs(sample: ClusterSample) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         audio = audio_features(torch.from_numpy(sample.wave), sample.num_frames) if use_audio else None
@@ -408,12 +462,15 @@ def layer_source(
         return [check(out[i, :n], n, s.key) for i, (s, n) in enumerate(zip(samples, lengths))]
 
     spec = {"kind": "layer", "layer": int(layer), "checkpoint": checkpoint, "modality": modality, "rate": VIDEO_FPS}
+    if noise is not None:
+        spec["noise"] = noise.spec
     return FeatureSource(
         per_batch if batched else per_sample,
         VIDEO_FPS,
         spec,
         needs_video=use_video,
         batch_frames=batch_frames if batched else 1,
+        noise=noise,
     )
 
 
@@ -424,6 +481,7 @@ def model_layer_source(
     modality: str = "av",
     batch_frames: int = 2000,
     device: str | torch.device = "cpu",
+    noise: WaveNoise | None = None,
 ) -> FeatureSource:
     """`layer_source` for a model with AV-HuBERT's ``extract_features(audio, video [B,1,T,H,W], padding_mask, layer=)``.
 
@@ -436,7 +494,9 @@ def model_layer_source(
         video = None if video is None else video.unsqueeze(1)
         return model.extract_features(audio, video, padding_mask, layer=layer)[0]
 
-    return layer_source(fn, layer, checkpoint, modality, batched=True, batch_frames=batch_frames, device=device)
+    return layer_source(
+        fn, layer, checkpoint, modality, batched=True, batch_frames=batch_frames, device=device, noise=noise
+    )
 
 
 def _groups(samples: Iterable[ClusterSample], budget: int) -> Iterator[list[ClusterSample]]:
@@ -460,6 +520,8 @@ def extract_features(
 ) -> Iterator[tuple[SampleMeta, np.ndarray]]:
     """``(meta, features [frames, D])`` of every (selected) sample; features are fitted to ``source.frames``."""
     samples = iter_samples(shards, select, source.needs_video, progress, desc)
+    if source.noise is not None:
+        samples = source.noise.mix(samples)
     for group in _groups(samples, source.batch_frames):
         outputs = source.fn(group)
         if len(outputs) != len(group):
