@@ -13,6 +13,7 @@ import numpy as np
 
 from av2av_lightning.data.codecs import decode_audio, decode_video
 from av2av_lightning.data.schema import SAMPLES_PER_FRAME, VIDEO_FPS, SampleMeta
+from evaluation.tables import save_figure
 
 
 def lip_motion(lip: np.ndarray) -> np.ndarray:
@@ -68,8 +69,4 @@ def plot_corpus(corpus_dir: str | Path, manifest: dict, out_png: str | Path) -> 
     trace.set_title(f"[{meta.lang}] {meta.text}  (r = {correlation:.2f})", fontsize=9)
     trace.set_xlabel("seconds")
     trace.legend(loc="lower right")
-    figure.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
-    plt.close(figure)
-    return out_png
+    return save_figure(figure, out_png, dpi=110)

@@ -52,7 +52,7 @@ from data_prep.clustering.unit_quality import agreement
 from data_prep.corpus.word_clips import spoken_form
 from data_prep.vocab import word_key
 from evaluation.recognition import recognition_metrics, split_batches, update
-from evaluation.tables import Cell, write_table
+from evaluation.tables import Cell, save_figure, write_table
 
 TOP_BASIS = 30
 Pair = tuple[str, str]
@@ -265,13 +265,8 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
 
 
 def _save(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
 
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 # ---------------------------------------------------------------------------- unit agreement

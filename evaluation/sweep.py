@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from evaluation.ablation import last_values, run_ablation
-from evaluation.tables import write_table
+from evaluation.tables import save_figure, write_table
 
 METHODS = ("grid", "random")
 
@@ -148,11 +148,7 @@ def plot(points: list[dict], results: list[dict], metric: str, png: Path) -> Pat
         axis.set_xlabel(name.rsplit(".", 1)[-1])
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png, dpi=100)
-    plt.close(figure)
-    return png
+    return save_figure(figure, png)
 
 
 def main(argv: list[str] | None = None) -> int:

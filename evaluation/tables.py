@@ -1,4 +1,5 @@
-"""Writing an evaluation table as Markdown (rounded, for reading) and CSV (full precision, for code)."""
+"""Writing an evaluation table as Markdown (rounded, for reading) and CSV (full precision, for code), and its figure
+as a PNG."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def write_table(rows: list[dict[str, Cell]], out: Path, name: str = "table", dig
         writer.writeheader()
         writer.writerows(rows)
     return text
+
+
+def save_figure(figure, path: Path, dpi: int = 100) -> Path:
+    """A matplotlib figure laid out tightly, written to ``path`` (folders made) and closed; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path
