@@ -10,9 +10,11 @@ exist and are newer than all its inputs is skipped (its config is an input, so e
 name ``data/demo`` and ``runs/demo``; other ``--corpus``/``--runs`` folders are substituted into a copy under
 ``RUNS/configs``. A stage's output goes to ``RUNS/logs/STAGE.log``; a failing stage stops the demo with one
 line naming the stage and its log. The report (``REPORT/README.md``, ``stages.md``/``.csv`` and
-``curves.png``) shows each stage's wall time and the last value of its key metric from its CSV log.
+``curves.png``) shows each stage's wall time and the last value of its key metric from its CSV log, then the
+sections of the stages that have one: the noise-robustness plot and table, and the translated clips beside their
+sources. Every file it links is copied into the report folder, so the folder can be moved.
 
-Later stages (translating clips, evaluation) are one more `Stage` each at the end of `demo_stages`.
+Later stages (evaluation) are one more `Stage` each at the end of `demo_stages`.
 """
 
 from __future__ import annotations
@@ -22,21 +24,26 @@ import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from evaluation.ablation import failure_reason, last_values
-from evaluation.tables import write_table
+from evaluation.tables import markdown, write_table
 
 CONFIG_DIR = Path("experiments/demo")
 PIPELINE_CONFIG = Path("experiments/pipeline/tiny.yaml")  # the stage checkpoints `translate` reads
 DEFAULT_CORPUS, DEFAULT_RUNS = "data/demo", "runs/demo"
 TIMES_NAME = "stage_times.json"
 LOSS_COLUMNS = ("train/loss", "train/loss_g")  # the curve of a stage: its first logged column of these
+NOISE_SNRS = ("-20", "-5", "10")  # dB; 7 passes (clean + 2 noises x 3) of 2 batches of 34 word clips: under a minute
+NOISE_BATCHES = "2"
+CLIPS_DIR = "clips"  # REPORT/clips: the translated MP4s and their sources
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Stage:
     inputs: list[Path | str] = field(default_factory=list)  # files, folders or glob patterns
     metrics: tuple[str, ...] = ()  # key metrics, the first one logged is reported
     metrics_csv: Path | None = None
+    section: Callable[[Stage, Path], list[str]] | None = None  # its report section: (stage, REPORT) -> Markdown lines
 
 
 class StageError(RuntimeError):
@@ -103,7 +111,8 @@ def demo_stages(
     frame_units = runs / "units" / "audio_frames"
     pretrained = runs / "pretrain" / "last.ckpt"
     pipeline = resolve_config(PIPELINE_CONFIG, corpus, runs, runs / "configs" / "pipeline.yaml")
-    translated = runs / "translated"
+    translated, noise, unseen = runs / "translated", runs / "noise", str(sentences / "test_unseen-*.tar")
+    recogniser = runs / "mutual_learning" / "last.ckpt"
 
     def fit(name: str, inputs: list[Path | str], metrics: tuple[str, ...]) -> Stage:
         return fit_stage(name, corpus, runs, inputs, metrics, fit_args)
@@ -112,6 +121,10 @@ def demo_stages(
     layer = ["--checkpoint", str(pretrained), "--layer", "3", "--modality", "audio", "--device", "cpu", "--quiet"]
     extract = ["extract", *layer, "--k", "50", "--out", str(units), "--shards", train_shards]
     frames = ["cluster", "layer", *layer, "--quantizer", str(units / "kmeans.npz"), "--out", str(frame_units)]
+    sweep = [
+        "--checkpoint", str(recogniser), "--shards", str(corpus / "words" / "test-*.tar"), "--out", str(noise),
+        "--noises", "white", "babble", "--snrs", *NOISE_SNRS, "--max-batches", NOISE_BATCHES,
+    ]  # fmt: skip
     vocab = [
         "vocab",
         "words",
@@ -150,13 +163,20 @@ def demo_stages(
         Stage("words", av2av(*vocab), [words], [manifest]),
         fit("mutual_learning", [pretrained, words], ("val/acc_video", "val/acc_audio")),
         Stage(
+            "noise",  # word accuracy for A, V and AV input with white and babble noise on the audio, per SNR
+            [sys.executable, "-m", "evaluation.noise_sweep", *sweep],
+            [noise / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")],
+            [recogniser],
+            section=noise_section,
+        ),
+        Stage(
             "translate",  # a few unseen-speaker English clips into Spanish, as MP4s beside their sources
             av2av(
                 "translate",
                 "--pipeline",
                 str(pipeline),
                 "--shards",
-                str(sentences / "test_unseen-*.tar"),
+                unseen,
                 "--src",
                 "en",
                 "--tgt",
@@ -168,6 +188,7 @@ def demo_stages(
             ),  # fmt: skip
             [translated / "index.jsonl"],
             [PIPELINE_CONFIG, *(runs / name / "last.ckpt" for name in ("translation", "vocoder", "face"))],
+            section=partial(clips_section, unseen),
         ),
     ]
 
@@ -316,10 +337,84 @@ def plot_curves(stages: list[Stage], png: Path) -> Path | None:
     return png
 
 
+def noise_section(stage: Stage, report: Path) -> list[str]:
+    """The noise sweep's plot and table (copied into the report folder)."""
+    for path in stage.outputs:
+        shutil.copy2(path, report / path.name)
+    table = next(path for path in stage.outputs if path.suffix == ".md").read_text().strip()
+    png = next(path for path in stage.outputs if path.suffix == ".png")
+    return [
+        "## Noise robustness",
+        "",
+        "Recognition by the mutual-learning checkpoint from audio (A), lips (V) or both (AV), with white or babble "
+        "noise added to the audio at each SNR; dashed lines: the clean scores.",
+        "",
+        f"![recognition against SNR]({png.name})",
+        "",
+        table,
+        "",
+    ]
+
+
+def clips_section(shards: str, stage: Stage, report: Path) -> list[str]:
+    """One row per translated clip of ``index.jsonl``: its source (from ``shards``) and translation, both copied into
+    ``REPORT/clips`` and linked relative to the report, its unit count and the seconds of each pipeline stage."""
+    index = stage.outputs[0]
+    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    if not entries:
+        return []
+    clips = report / CLIPS_DIR
+    clips.mkdir(parents=True, exist_ok=True)
+    sources = write_sources(shards, [entry["key"] for entry in entries], clips, index.stat().st_mtime)
+    rows = []
+    for entry in entries:
+        key, seconds = entry["key"], entry.get("stage_seconds") or {}
+        translation = entry.get("output")
+        if translation is not None:
+            shutil.copy2(index.parent / translation, clips / translation)
+        rows.append({
+            "clip": key,
+            "languages": f"{entry['src_lang']} -> {entry['tgt_lang']}",
+            "source text": entry.get("text", ""),
+            "source": link(sources.get(key), report) or "not found",
+            "translation": link(clips / translation, report) if translation else f"failed: {entry.get('error')}",
+            "units": entry.get("units", ""),
+            "seconds": f"{sum(seconds.values()):.2f}" if seconds else "",
+            "stage seconds": ", ".join(f"{name} {value:.2f}" for name, value in seconds.items()),
+        })  # fmt: skip
+    intro = "Each source clip (from its shard) beside its translation; seconds: the pipeline's, per stage."
+    return ["## Translated clips", "", intro, "", markdown(rows), ""]
+
+
+def write_sources(shards: str, keys: list[str], clips: Path, since: float) -> dict[str, Path]:
+    """``CLIPS/KEY.source.mp4`` of each key: the shard sample's face video and audio, decoded and written again as
+    the translations are (H.264 + AAC); one already written after ``since`` (a modification time) is kept. Returns
+    the sources found."""
+    paths = {key: clips / f"{key}.source.mp4" for key in keys}
+    stale = {key for key, path in paths.items() if not path.exists() or path.stat().st_mtime < since}
+    if stale:
+        from av2av_lightning.av2av import write_mp4
+        from av2av_lightning.translate_cli import iter_shard_clips
+
+        for meta, clip in iter_shard_clips(shards):
+            if meta.key in stale and not isinstance(clip, ValueError):
+                write_mp4(paths[meta.key], clip.wave, clip.face)
+                stale.discard(meta.key)
+            if not stale:
+                break
+    return {key: path for key, path in paths.items() if path.exists() and key not in stale}
+
+
+def link(path: Path | None, report: Path) -> str:
+    """A Markdown link to ``path``, relative to the report folder."""
+    return "" if path is None else f"[mp4]({path.relative_to(report).as_posix()})"
+
+
 def write_report(
     stages: list[Stage], status: dict[str, str], times: dict[str, float], report: Path, budget_minutes: float
 ) -> Path:
-    """``REPORT/README.md``: the stage table (also ``stages.md``/``.csv``) and the training curves."""
+    """``REPORT/README.md``: the stage table (also ``stages.md``/``.csv``), the training curves, then the section of
+    each stage that has one and whose outputs exist."""
     rows = []
     for stage in stages:
         metric, value = key_metric(stage)
@@ -345,6 +440,9 @@ def write_report(
     png = plot_curves(stages, report / "curves.png")
     if png is not None:
         lines += ["## Training curves", "", f"![training loss per stage]({png.name})", ""]
+    for stage in stages:
+        if stage.section is not None and all(path.exists() for path in stage.outputs):
+            lines += stage.section(stage, report)
     readme = report / "README.md"
     readme.write_text("\n".join(lines))
     return readme

@@ -39,13 +39,16 @@ def recognition_metrics(task: str) -> dict[str, Metric]:
 def split_batches(
     shards: str | list[str], recogniser: Recogniser, max_frames: int = 1000, **noise
 ) -> Iterable[AVBatch]:
-    """The split's batches as the recogniser was trained to see them (its task's kind, its feature window), with
-    ``noise`` options of `AVDataModule` (``noise_prob``, ``noise_snr_db``, ``noise_types``) applied to it."""
+    """The split's batches as the recogniser was trained to see them (its task's kind, a word classifier's words
+    only, its feature window), with ``noise`` options of `AVDataModule` (``noise_prob``, ``noise_snr_db``,
+    ``noise_types``) applied to it."""
+    task = recogniser.module.hparams.task
     data = AVDataModule(
         test_shards=shards,
         max_frames=max_frames,
         num_workers=0,
-        kinds=[KINDS[recogniser.module.hparams.task]],
+        kinds=[KINDS[task]],
+        words=recogniser.module.words if task == "words" else None,
         window=recogniser.window,
         noise_splits=("test",),
         **noise,

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import shutil
 import sys
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from conftest import synthetic_audio, synthetic_face
 
-from evaluation.demo import Stage, StageError, demo_stages, is_cached, main, run_demo
+from av2av_lightning.av2av import load_source_clip, write_mp4
+from av2av_lightning.transcribers import Recogniser
+from av2av_lightning.translate_cli import INDEX_NAME, iter_shard_clips
+from evaluation import noise_sweep
+from evaluation.demo import (
+    Stage,
+    StageError,
+    clips_section,
+    demo_stages,
+    is_cached,
+    main,
+    noise_section,
+    run_demo,
+    write_report,
+)
+from evaluation.tables import write_table
 
 # a fake stage: appends its name to the journal, then writes each output (a CSV log when it ends in .csv)
 SCRIPT = """
@@ -189,3 +212,127 @@ def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatc
     assert "| targets | ran |" in text and "| units | ran |" in text
     assert "| pretrain | ran |" in text and "val/acc_masked_av" in text
     assert (tmp_path / "report" / "curves.png").exists()
+
+
+def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch):
+    """After mutual learning: its checkpoint on the test word clips, A/V/AV, white and babble, SNRs in -20..10 dB,
+    a batch limit; the command parses as `evaluation.noise_sweep` would run it."""
+    corpus, runs = tmp_path / "corpus", tmp_path / "runs"
+    corpus.mkdir()
+    stages = {stage.name: stage for stage in demo_stages(corpus, runs)}
+    names = list(stages)
+    assert names.index("noise") == names.index("mutual_learning") + 1
+    noise = stages["noise"]
+    checkpoint = runs / "mutual_learning" / "last.ckpt"
+    assert noise.inputs == [checkpoint] and checkpoint in stages["mutual_learning"].outputs
+    assert noise.outputs == [runs / "noise" / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")]
+    assert noise.command[:3] == [sys.executable, "-m", "evaluation.noise_sweep"] and noise.section is noise_section
+    parsed = []
+
+    def load(args):
+        parsed.append(args)
+        raise FileNotFoundError("stop before loading")
+
+    monkeypatch.setattr(noise_sweep, "load", load)
+    assert noise_sweep.main(noise.command[3:]) == 2
+    args = parsed[0]
+    assert args.checkpoint == checkpoint and args.shards == [str(corpus / "words" / "test-*.tar")]
+    assert args.out == runs / "noise" and args.inputs == ["A", "V", "AV"]
+    assert sorted(args.noises) == ["babble", "white"]
+    assert len(args.snrs) >= 3 and min(args.snrs) >= -20 and max(args.snrs) <= 10 and args.max_batches >= 1
+    translate = stages["translate"]
+    assert translate.section.func is clips_section
+    assert translate.section.args == (translate.command[translate.command.index("--shards") + 1],)
+
+
+def test_noise_sweep_scores_the_first_batches_of_every_pass(monkeypatch):
+    """``max_batches`` cuts every pass (clean and each noise/SNR); the noise options reach the batches."""
+    calls = []
+
+    def split_batches(shards, recogniser, max_frames, **options):
+        calls.append(options)
+        return iter(range(100))
+
+    def evaluate(module, batches, inputs):
+        return {name: {"utterances": len(list(batches)), "accuracy": 0.5} for name in inputs}
+
+    monkeypatch.setattr(noise_sweep, "split_batches", split_batches)
+    monkeypatch.setattr(noise_sweep, "evaluate", evaluate)
+    words = Recogniser(SimpleNamespace(hparams=SimpleNamespace(task="words")), "stack4")
+    rows = noise_sweep.sweep(words, "s.tar", snrs=[-20, 10], noises=["white"], inputs=["A"], max_batches=3)
+    assert [(row["noise"], row["snr_db"], row["utterances"]) for row in rows] == [
+        ("clean", math.inf, 3),
+        ("white", -20, 3),
+        ("white", 10, 3),
+    ]
+    assert calls[1] == {"noise_prob": 1.0, "noise_snr_db": -20.0, "noise_types": ("white",)}
+    rows = noise_sweep.sweep(words, "s.tar", snrs=[0], noises=["babble"], inputs=["AV"])
+    assert [row["utterances"] for row in rows] == [100, 100]
+    with pytest.raises(ValueError, match="max_batches must be at least 1, got 0"):
+        noise_sweep.sweep(words, "s.tar", max_batches=0)
+
+
+def fake_noise_stage(folder: Path) -> Stage:
+    """A noise sweep's outputs (table and plot) from made-up accuracies."""
+    rows = [{"noise": "clean", "snr_db": math.inf, "input": name, "utterances": 8, "accuracy": 0.75} for name in "AV"]
+    rows += [
+        {"noise": noise, "snr_db": snr, "input": name, "utterances": 8, "accuracy": 0.5 + snr / 100}
+        for noise in ("white", "babble")
+        for snr in (-20, 0, 10)
+        for name in "AV"
+    ]
+    write_table(rows, folder, "noise_sweep")
+    noise_sweep.plot(rows, folder / "noise_sweep.png")
+    return Stage("noise", [], [folder / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")], section=noise_section)
+
+
+def fake_translate_stage(folder: Path, shards) -> Stage:
+    """An index of the translate stage: the first sample translated (an MP4 of 30 frames), the third failed."""
+    first, _, third = shards.keys
+    write_mp4(
+        folder / f"{first}.mp4",
+        synthetic_audio(30, np.random.default_rng(0)),
+        synthetic_face(30, np.random.default_rng(0)),
+    )
+    entries = [
+        {"key": first, "src_lang": "en", "tgt_lang": "es", "input": "av", "text": "utterance one",
+         "output": f"{first}.mp4", "json": f"{first}.json", "frames": 30, "units": 19,
+         "stage_seconds": {"units": 0.25, "translation": 0.5, "vocoder": 0.125}},
+        {"key": third, "src_lang": "en", "tgt_lang": "es", "input": "av", "text": "utterance three",
+         "error": f"{third}: the translator produced no units"},
+    ]  # fmt: skip
+    (folder / INDEX_NAME).write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    return Stage("translate", [], [folder / INDEX_NAME], section=partial(clips_section, shards.pattern))
+
+
+def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_path, shard_writer):
+    shards = shard_writer([20, 24, 28], per_shard=2, langs=("en",))
+    (tmp_path / "noise").mkdir(), (tmp_path / "translated").mkdir()
+    stages = [fake_noise_stage(tmp_path / "noise"), fake_translate_stage(tmp_path / "translated", shards)]
+    report = tmp_path / "report"
+    text = write_report(stages, {}, {}, report, 30).read_text()
+    first, _, third = shards.keys
+    assert "## Noise robustness" in text and "![recognition against SNR](noise_sweep.png)" in text
+    assert "| noise | snr_db | input | utterances | accuracy |" in text and "| white | -20 | A | 8 | 0.3000 |" in text
+    assert (report / "noise_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| clip | languages | source text | source | translation | units | seconds | stage seconds |" in text
+    assert (
+        f"| {first} | en -> es | utterance one | [mp4](clips/{first}.source.mp4) | [mp4](clips/{first}.mp4) | 19 "
+        "| 0.88 | units 0.25, translation 0.50, vocoder 0.12 |"
+    ) in text
+    assert f"| {third} | en -> es | utterance three | [mp4](clips/{third}.source.mp4) | failed: {third}: the " in text
+    source = report / "clips" / f"{first}.source.mp4"
+    clip = load_source_clip(source)
+    shard_clip = next(clip for meta, clip in iter_shard_clips(shards.pattern) if meta.key == first)
+    assert clip.num_frames == 20 and clip.face.shape == (20, 96, 96, 3) and clip.wave.shape == (20 * 640,)
+    assert np.abs(clip.face.astype(float) - shard_clip.face).mean() < 4  # the shard's face, through H.264 twice
+    written = source.stat().st_mtime_ns
+    write_report(stages, {}, {}, report, 30)
+    assert source.stat().st_mtime_ns == written  # kept while newer than the index
+    age([source], 100)
+    aged = source.stat().st_mtime_ns
+    write_report(stages, {}, {}, report, 30)
+    assert source.stat().st_mtime_ns > aged  # older than the index: written again
+    moved = shutil.move(report, tmp_path / "moved")
+    links = re.findall(r"\]\(([^)]+)\)", (Path(moved) / "README.md").read_text())
+    assert len(links) == 1 + 3 and all((Path(moved) / link).is_file() for link in links)

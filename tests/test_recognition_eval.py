@@ -121,7 +121,8 @@ def test_word_checkpoints_are_scored_with_accuracy_per_input(tiny_corpus, tmp_pa
     out, manifest = tiny_corpus
     train = [str(out / p) for p in manifest["subsets"]["words"]["train"]["shards"]]
     words = tmp_path / "words.txt"
-    words.write_text("".join(f"{w}\n" for w in top_words(count_words(train), per_language=5)))
+    counts = count_words(train)
+    words.write_text("".join(f"{w}\n" for w in top_words(counts, per_language=5)))
     torch.manual_seed(0)
     module = CrossModalMutualLearning(words=str(words), encoder=SMALL, warmup_steps=1)
     trainer = cpu_trainer(max_steps=2)
@@ -141,4 +142,30 @@ def test_word_checkpoints_are_scored_with_accuracy_per_input(tiny_corpus, tmp_pa
             correct += int((log_probs.argmax(-1)[known] == targets[known]).sum())
             total += int(known.sum())
     assert total > 0 and results["V"]["accuracy"] == pytest.approx(correct / total)
-    assert results["V"]["utterances"] == manifest["subsets"]["words"]["train"]["samples"]
+    # every clip of the classifier's words, and only those
+    assert results["V"]["utterances"] == sum(counts[w] for w in recogniser.module.words) < sum(counts.values())
+
+
+def test_a_word_classifier_is_scored_on_the_clips_of_its_words_only(monkeypatch):
+    """The other clips carry no target: reading them would only cost time (80% of the demo's word clips)."""
+    from types import SimpleNamespace
+
+    from evaluation import recognition
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **options):
+            seen.clear()
+            seen.update(options)
+
+        def test_dataloader(self):
+            return []
+
+    monkeypatch.setattr(recognition, "AVDataModule", Recorder)
+    words = SimpleNamespace(module=SimpleNamespace(hparams=SimpleNamespace(task="words"), words=["en/a", "es/b"]))
+    recognition.split_batches("s.tar", SimpleNamespace(**vars(words), window="stack4"))
+    assert seen["words"] == ["en/a", "es/b"] and seen["kinds"] == ["word"]
+    sentences = SimpleNamespace(module=SimpleNamespace(hparams=SimpleNamespace(task="sentences")), window="stack4")
+    recognition.split_batches("s.tar", sentences)
+    assert seen["words"] is None and seen["kinds"] == ["sentence"]

@@ -181,8 +181,8 @@ class AVDataModule(ResumableTrainLoader, L.LightningDataModule):
         load_face: decode the RGB face video into ``batch.face``.
         kinds: keep only these kinds (``sentence``, ``word``); None keeps all.
         languages: keep only these languages; None keeps all.
-        words: a word list (``av2av vocab words``): keep only the word clips it names, the classes of a word
-            classifier; None keeps all.
+        words: a word list (a file from ``av2av vocab words``, or its ``lang/label`` entries): keep only the word
+            clips it names, the classes of a word classifier; None keeps all.
         noise_prob: probability of adding noise to an utterance (0 disables noise).
         noise_snr_db: SNR in dB, or ``[low, high]`` for a uniform draw.
         noise_types: ``white`` and/or ``babble``.
@@ -210,7 +210,7 @@ class AVDataModule(ResumableTrainLoader, L.LightningDataModule):
         load_face: bool = False,
         kinds: list[str] | None = None,
         languages: list[str] | None = None,
-        words: str | None = None,
+        words: str | list[str] | None = None,
         noise_prob: float = 0.0,
         noise_snr_db: float | tuple[float, float] = 0.0,
         noise_types: tuple[str, ...] = NOISE_TYPES,
@@ -244,7 +244,7 @@ class AVDataModule(ResumableTrainLoader, L.LightningDataModule):
         self.load_face = load_face
         self.kinds = kinds
         self.languages = languages
-        self.words = read_words(words) if words else None
+        self.words = read_words(words) if isinstance(words, str) else words
         self.noise = {"noise_prob": noise_prob, "noise_snr_db": noise_snr_db, "noise_types": tuple(noise_types)}
         self.noise_splits = tuple(noise_splits)
         self.length_tolerance = length_tolerance
