@@ -1,0 +1,361 @@
+"""Resynthesis evidence: how well the trained renderers reproduce a clip from its own ground-truth units.
+
+    python -m evaluation.resynthesis --pipeline experiments/pipeline/tiny.yaml --sentences data/demo/sentences \\
+        --splits valid test_unseen --sync-expert runs/demo/syncnet/last.ckpt [--whisper DIR] --limit 20 \\
+        --out runs/demo/resynthesis
+
+No translation is involved, so every output has a frame-aligned reference (the clip itself). Per clip of a split:
+
+- **voice**: the clip's de-duplicated units with their ground-truth durations (``{split}.units.npz`` /
+  ``.durations.npz`` in ``--units``, by default the folder of the pipeline's quantizer) through the pipeline's
+  vocoder, conditioned on the clip's own speaker embedding; STOI, ESTOI and wide-band PESQ against the original
+  audio (clips a measure cannot score are counted in ``*_failed``), and with ``--whisper`` the WER of the English
+  clips against their transcripts, next to the WER of the original English audio (the ASR's own ceiling);
+- **speaker similarity**: the output's speaker embedding against its own speaker's mean embedding (the split's
+  other original clips of that speaker: the clip that conditioned the vocoder is left out) and against the mean
+  embedding of each other speaker of the split (averaged); both means and the fraction of clips where own > other;
+- **face**: the same units, frame-aligned, through the pipeline's face renderer (`AV2AVPipeline.render`: each
+  frame masked, the clip's first frame as identity); PSNR / SSIM against the real frames, and with
+  ``--sync-expert`` LSE-C / LSE-D of the rendered video with the resynthesised speech next to those of the
+  original video with its own audio.
+
+One row per split in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
+of training (zero-shot), from the corpus manifest (``--manifest``, by default the one beside ``--sentences``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from av2av_lightning.av2av import AV2AVPipeline, PipelineConfig, SourceClip
+from av2av_lightning.data.schema import VIDEO_FPS, SampleMeta
+from av2av_lightning.data.sidecar import Sidecar
+from av2av_lightning.metrics import MetricSuite, SyncExpert, Transcriber, build_suite
+from av2av_lightning.sync_expert import load_sync_expert
+from av2av_lightning.transcribers import build_transcriber
+from av2av_lightning.translate_cli import iter_shard_clips
+from av2av_lightning.vocoder import UNIT_RATE
+from data_prep.converters.media import fit_audio
+from evaluation.tables import Cell, write_table
+
+TABLE = "resynthesis"
+ASR_LANG = "en"  # the --whisper transcriber scores English clips only
+FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio (as the vocoder's training allows)
+SPEECH_METRICS = ("stoi", "estoi", "pesq")
+SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
+
+Row = dict[str, Cell]
+
+
+@dataclass
+class Scorers:
+    """What scores the outputs beyond the pipeline itself: an English ASR and a SyncNet expert, both optional."""
+
+    transcriber: Transcriber | None = None
+    sync_expert: SyncExpert | None = None
+
+
+@dataclass
+class SplitUnits:
+    """A split's ground-truth units: de-duplicated units and their durations at ``rate`` Hz, per sample key."""
+
+    units: Sidecar
+    durations: Sidecar
+    rate: int
+
+    @classmethod
+    def load(cls, folder: Path, split: str, rate: int) -> SplitUnits:
+        return cls(Sidecar.load(folder / f"{split}.units.npz"), Sidecar.load(folder / f"{split}.durations.npz"), rate)
+
+    def stream(self, key: str, frames: int) -> tuple[list[int], list[int]]:
+        """The sample's units and their durations at the vocoder's 50 Hz; a stream that does not span the clip's
+        ``frames`` (a sidecar of another split or rate) is a one-line error."""
+        units, durations = self.units[key].astype(np.int64), self.durations[key].astype(np.int64)
+        spanned = int(durations.sum()) * VIDEO_FPS / self.rate
+        if abs(spanned - frames) > FRAME_TOLERANCE:
+            raise ValueError(
+                f"{key}: units x durations span {spanned:g} frames at {self.rate} Hz but the clip has {frames} "
+                f"(wrong --unit-rate or sidecar?)"
+            )
+        return units.tolist(), (durations * (UNIT_RATE // self.rate)).tolist()
+
+
+@dataclass
+class SplitScores:
+    """Everything measured on one split: the metric suites, the speaker embeddings and the clip counts."""
+
+    speech: MetricSuite
+    face: MetricSuite
+    asr: MetricSuite | None
+    asr_reference: MetricSuite | None
+    sync: MetricSuite | None
+    sync_reference: MetricSuite | None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    references: list[torch.Tensor] = field(default_factory=list)
+    speakers: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def build(cls, scorers: Scorers) -> SplitScores:
+        """Suites for the outputs and, for the ASR and lip sync, the same again for the original clips."""
+        asr, expert = scorers.transcriber, scorers.sync_expert
+        wer = [build_suite(["wer"], transcriber=asr, lang=ASR_LANG) if asr is not None else None for _ in range(2)]
+        lse = [build_suite(["lse"], sync_expert=expert) if expert is not None else None for _ in range(2)]
+        return cls(build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim"], data_range=255), *wer, *lse)
+
+
+def own_vs_other(outputs: torch.Tensor, references: torch.Tensor, speakers: list[str]) -> dict[str, float]:
+    """Mean cosine of each output embedding ``[N, D]`` with its own speaker's mean reference embedding (leaving out
+    its own reference, which conditioned it) and with each other speaker's mean (averaged over those speakers), and
+    the fraction of outputs closer to their own speaker; a clip without another clip of its speaker, or a split of
+    one speaker, is not scored (``scored`` counts the rest; NaN means when none is)."""
+    if not len(outputs) == len(references) == len(speakers):
+        raise ValueError(f"{len(outputs)} outputs, {len(references)} references and {len(speakers)} speakers")
+    references = F.normalize(references.double(), dim=-1)
+    outputs = F.normalize(outputs.double(), dim=-1)
+    names = sorted(set(speakers))
+    member = torch.tensor([[s == name for name in names] for s in speakers], dtype=torch.float64)  # [N, S]
+    sums, counts = member.T @ references, member.sum(0)  # [S, D], [S]
+    own, other, above = [], [], []
+    for index, speaker in enumerate(speakers):
+        mine = names.index(speaker)
+        if counts[mine] < 2 or len(names) < 2:
+            continue
+        own_mean = sums[mine] - references[index]
+        others = torch.cat([sums[:mine] / counts[:mine, None], sums[mine + 1 :] / counts[mine + 1 :, None]])
+        own.append(float(F.cosine_similarity(outputs[index], own_mean, dim=0)))
+        other.append(float(F.cosine_similarity(outputs[index][None], others, dim=-1).mean()))
+        above.append(own[-1] > other[-1])
+    return {
+        "similarity_own": _mean(own),
+        "similarity_other": _mean(other),
+        "own_above_other": _mean(above),
+        "scored": len(own),
+    }
+
+
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def speaker_kind(manifest: Path | None, speakers: set[str]) -> str:
+    """``seen``, ``unseen (zero-shot)`` or ``mixed`` from the corpus manifest's held-out speakers (else unknown)."""
+    if manifest is None or not manifest.is_file():
+        return "unknown: no corpus manifest"
+    held_out = {s["id"] for s in json.loads(manifest.read_text()).get("speakers", []) if s.get("held_out")}
+    if not speakers & held_out:
+        return "seen"
+    return "unseen (zero-shot)" if speakers <= held_out else "mixed"
+
+
+@torch.inference_mode()
+def embed(pipeline: AV2AVPipeline, wave: np.ndarray) -> torch.Tensor:
+    return pipeline.speaker_encoder.embed_utterance(torch.from_numpy(wave).to(pipeline.device)).cpu()
+
+
+def resynthesize(
+    pipeline: AV2AVPipeline, clip: SourceClip, units: list[int], durations: list[int]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The clip's speech (and face, when it has one and the pipeline a renderer) from its ground-truth units: the
+    pipeline's vocoder with the given 50 Hz durations, fitted to the clip's frames, and its face renderer."""
+    speaker = pipeline.speaker_embedding(clip.wave)
+    with torch.inference_mode():
+        ids = torch.tensor(units, dtype=torch.long, device=pipeline.device)
+        lengths = torch.tensor(durations, dtype=torch.long, device=pipeline.device)
+        wave = fit_audio(pipeline.vocoder.synthesize(ids, speaker, lengths).float().cpu().numpy(), clip.num_frames)
+    face = None
+    if pipeline.renderer is not None and clip.face is not None:
+        face = pipeline.render(clip.face, units, durations, clip.num_frames)
+    return wave, face
+
+
+def score_clip(
+    scores: SplitScores,
+    pipeline: AV2AVPipeline,
+    clip: SourceClip,
+    meta: SampleMeta,
+    wave: np.ndarray,
+    face: np.ndarray | None,
+) -> None:
+    """Add one resynthesised clip's scores against the original clip."""
+    scores.speech.update(pred_wave=[wave], ref_wave=[clip.wave])
+    if scores.asr is not None and meta.lang == ASR_LANG:
+        scores.asr.update(pred_wave=[wave], ref_text=[meta.text])
+        scores.asr_reference.update(pred_wave=[clip.wave], ref_text=[meta.text])
+        scores.counts["transcribed"] += 1
+    if pipeline.speaker_encoder is not None:
+        scores.outputs.append(embed(pipeline, wave))
+        scores.references.append(embed(pipeline, clip.wave))
+        scores.speakers.append(meta.speaker)
+    if face is not None:
+        scores.face.update(pred_video=[face], ref_video=[clip.face])
+        if scores.sync is not None:
+            scores.sync.update(pred_video=[face], pred_wave=[wave])
+            scores.sync_reference.update(pred_video=[clip.face], pred_wave=[clip.wave])
+        scores.counts["rendered"] += 1
+
+
+def evaluate_split(
+    pipeline: AV2AVPipeline, shards: list[str], units: SplitUnits, scorers: Scorers, limit: int | None
+) -> SplitScores:
+    """Resynthesise and score the split's sentence clips (the first ``limit`` that have units)."""
+    scores = SplitScores.build(scorers)
+    for meta, clip in iter_shard_clips(shards):
+        if meta.kind != "sentence":
+            continue
+        if limit is not None and scores.counts["clips"] >= limit:
+            break
+        if isinstance(clip, ValueError) or clip.wave is None:
+            scores.counts["undecodable"] += 1
+            continue
+        if meta.key not in units.units or meta.key not in units.durations:
+            scores.counts["no_units"] += 1
+            continue
+        wave, face = resynthesize(pipeline, clip, *units.stream(meta.key, clip.num_frames))
+        score_clip(scores, pipeline, clip, meta, wave, face)
+        scores.counts["clips"] += 1
+    return scores
+
+
+def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
+    """The split's row: counts, then every score (``n/a: why`` where it is not measured)."""
+    counts = scores.counts
+    row: Row = {"split": split, "speakers": kind, "clips": counts["clips"]}
+    row |= {"no_units": counts["no_units"], "undecodable": counts["undecodable"]}
+    nothing = "n/a: no clip scored"
+    speech = {k: float(v) for k, v in scores.speech.compute().items()}
+    for key in SPEECH_METRICS:
+        row[key] = _defined(speech[key], nothing)
+        row[f"{key}_failed"] = int(speech[f"{key}_failed"])
+    absent = "n/a: no --whisper" if scores.asr is None else "n/a: no English clip"
+    row |= {"en_clips": counts["transcribed"], "wer_en": absent, "reference_wer_en": absent}
+    if counts["transcribed"]:
+        row["wer_en"] = float(scores.asr.compute()["wer"])
+        row["reference_wer_en"] = float(scores.asr_reference.compute()["wer"])
+    row |= _similarity(scores, pipeline)
+    row |= _face(scores, pipeline)
+    return row
+
+
+def _defined(value: float, reason: str) -> Cell:
+    return reason if math.isnan(value) else value
+
+
+def _similarity(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
+    if pipeline.speaker_encoder is None:
+        return {key: "n/a: no speaker_encoder in the pipeline" for key in SIMILARITY_KEYS} | {"similarity_scored": 0}
+    found = own_vs_other(torch.stack(scores.outputs), torch.stack(scores.references), scores.speakers)
+    reason = "n/a: needs two clips of a speaker and two speakers"
+    return {key: _defined(found[key], reason) for key in SIMILARITY_KEYS} | {"similarity_scored": found["scored"]}
+
+
+def _face(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
+    reason = "n/a: no face_renderer in the pipeline" if pipeline.renderer is None else "n/a: no clip with a face"
+    if not scores.counts["rendered"]:
+        return {key: reason for key in ("psnr", "ssim", "lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
+    face = {k: float(v) for k, v in scores.face.compute().items()}
+    row: Row = {"psnr": face["psnr"], "ssim": face["ssim"]}
+    if scores.sync is None:
+        return row | {k: "n/a: no --sync-expert" for k in ("lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
+    ours, theirs = scores.sync.compute(), scores.sync_reference.compute()
+    row |= {"lse_c": float(ours["lse_c"]), "lse_d": float(ours["lse_d"])}
+    return row | {"reference_lse_c": float(theirs["lse_c"]), "reference_lse_d": float(theirs["lse_d"])}
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def split_shards(sentences: Path, split: str) -> list[str]:
+    shards = sorted(glob.glob(str(sentences / f"{split}-*.tar")))
+    if not shards:
+        raise ValueError(f"unknown split {split!r}: no shards {sentences / f'{split}-*.tar'}")
+    return shards
+
+
+def units_folder(args: argparse.Namespace, config: PipelineConfig) -> Path:
+    if args.units is not None:
+        return args.units
+    if config.quantizer is None:
+        raise ValueError(f"{args.pipeline}: a label-head pipeline has no quantizer folder; give --units")
+    return Path(config.quantizer).parent
+
+
+def run(args: argparse.Namespace, pipeline: AV2AVPipeline, scorers: Scorers) -> str:
+    """Score every split and write the table; returns its Markdown."""
+    folder = units_folder(args, pipeline.config)
+    inputs = {
+        split: (split_shards(args.sentences, split), SplitUnits.load(folder, split, args.unit_rate))
+        for split in args.splits
+    }
+    manifest = args.manifest if args.manifest is not None else args.sentences.parent / "manifest.json"
+    rows = []
+    for split, (shards, units) in inputs.items():
+        scores = evaluate_split(pipeline, shards, units, scorers, args.limit)
+        if not scores.counts["clips"]:
+            raise ValueError(f"split {split!r}: no sentence clip with units in {shards[0]} ... ({dict(scores.counts)})")
+        rows.append(split_row(split, speaker_kind(manifest, set(scores.speakers)), scores, pipeline))
+    return write_table(rows, args.out, TABLE)
+
+
+def check_inputs(args: argparse.Namespace) -> PipelineConfig:
+    """Bad input fails before any model loads: the config, every split's shards and unit sidecars."""
+    if args.unit_rate not in (VIDEO_FPS, UNIT_RATE):
+        raise ValueError(f"--unit-rate must be {VIDEO_FPS} or {UNIT_RATE} Hz, got {args.unit_rate}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    config = PipelineConfig.from_yaml(args.pipeline)
+    folder = units_folder(args, config)
+    for split in args.splits:
+        split_shards(args.sentences, split)
+        for name in ("units", "durations"):
+            if not (folder / f"{split}.{name}.npz").is_file():
+                raise FileNotFoundError(
+                    f"{folder / f'{split}.{name}.npz'}: no such unit sidecar (av2av units extract --label {split}=...)"
+                )
+    return config
+
+
+def load_scorers(args: argparse.Namespace) -> Scorers:
+    transcriber = build_transcriber(f"whisper:{args.whisper}") if args.whisper else None
+    return Scorers(transcriber, load_sync_expert(args.sync_expert) if args.sync_expert else None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", required=True, type=Path, help="the pipeline config naming the stage checkpoints")
+    parser.add_argument("--sentences", required=True, type=Path, help="folder of the SPLIT-*.tar sentence shards")
+    parser.add_argument("--splits", nargs="+", default=["valid", "test_unseen"], help="splits to score, one row each")
+    parser.add_argument("--units", type=Path, help="folder of SPLIT.units.npz / .durations.npz (default: quantizer's)")
+    parser.add_argument("--unit-rate", type=int, default=VIDEO_FPS, help="Hz of the durations' frames (25 or 50)")
+    parser.add_argument("--sync-expert", type=Path, help="a SyncNet expert checkpoint (LSE-C/D)")
+    parser.add_argument("--whisper", type=Path, help="a Whisper model folder: WER of the English clips")
+    parser.add_argument("--manifest", type=Path, help="corpus manifest (held-out speakers); default: beside shards")
+    parser.add_argument("--limit", type=int, help="at most this many clips per split")
+    parser.add_argument("--out", required=True, type=Path, help="folder of resynthesis.md / .csv")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = check_inputs(args)
+        print(run(args, AV2AVPipeline(config), load_scorers(args)))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"resynthesis: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
