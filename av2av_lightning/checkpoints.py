@@ -6,6 +6,7 @@ stage that is given the wrong file says so in one line instead of failing on key
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,13 @@ def _encoder_of(checkpoint: dict, stage: str) -> AVHubert:
     model = AVHubert(AVHubertConfig(**checkpoint["encoder_config"]))
     model.load_state_dict(submodule_state(checkpoint, ENCODER_PREFIXES[stage]))
     return model.eval()
+
+
+def recorded_init_args(checkpoint: dict, stage_class: type) -> dict:
+    """The hyperparameters a checkpoint recorded that ``stage_class`` takes: its LightningModule rebuilt as it was
+    trained (what only Lightning itself adds to ``hyper_parameters`` is left out)."""
+    accepted = inspect.signature(stage_class).parameters
+    return {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key in accepted}
 
 
 def submodule_state(checkpoint: dict, prefix: str = "model.") -> dict:

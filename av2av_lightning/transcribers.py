@@ -13,7 +13,6 @@ Every transcriber is also callable as ``transcriber(waves, lang)`` (16 kHz waves
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from av2av_lightning.checkpoints import expect_stage, load_checkpoint
+from av2av_lightning.checkpoints import expect_stage, load_checkpoint, recorded_init_args
 from av2av_lightning.data.features import audio_features, feature_frames
 from av2av_lightning.data.schema import SAMPLE_RATE
 from av2av_lightning.metrics._common import to_wave
@@ -70,16 +69,18 @@ def load_recogniser(path: str | Path, task: str | None = None, vocab: str | Path
     found = hparams.get("task")
     if task is not None and found != task:
         raise ValueError(f"{path}: a mutual-learning checkpoint of task {found!r}, expected {task!r}")
-    accepted = inspect.signature(CrossModalMutualLearning).parameters
-    args = {key: value for key, value in hparams.items() if key in accepted}
+    args = recorded_init_args(checkpoint, CrossModalMutualLearning)
     vocab_key = "spm_model" if found == "sentences" else "words"
     if vocab is not None:
         args[vocab_key] = str(vocab)
     if args.get(vocab_key) and not Path(args[vocab_key]).is_file():
         raise FileNotFoundError(f"{args[vocab_key]}: the {vocab_key} of {path} is missing (pass its new path)")
     args |= {"pretrained": None, "encoder": checkpoint["encoder_config"]}  # weights come from the state_dict
+    # + L_rec trains through a frozen renderer (by its file path) that recognition never uses: left out
+    args |= {"lambda_rec": 0.0, "renderer": None}
     module = CrossModalMutualLearning(**args)
-    module.load_state_dict(checkpoint["state_dict"])
+    training_only = ("renderer.", "unit_head.")
+    module.load_state_dict({k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(training_only)})
     window = (checkpoint.get("datamodule_hyper_parameters") or {}).get("window", "hamming")
     return Recogniser(module.eval(), window)
 

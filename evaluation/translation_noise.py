@@ -21,7 +21,6 @@ one panel per split, clean drawn at the right).
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from pathlib import Path
 import lightning as L
 from tqdm import tqdm
 
-from av2av_lightning.checkpoints import expect_stage, load_checkpoint, load_encoder
+from av2av_lightning.checkpoints import expect_stage, load_checkpoint, load_encoder, recorded_init_args
 from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.data.pipeline import resolve_shards
 from av2av_lightning.data.sidecar import read_header
@@ -70,8 +69,7 @@ def load_translation(path: str | Path, beam_size: int | None = None) -> UnitTran
     ``beam_size`` replaces the validation beam (1: greedy)."""
     checkpoint = load_checkpoint(path)
     expect_stage(checkpoint, "translation", path)
-    accepted = inspect.signature(UnitTranslation).parameters
-    args = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key in accepted}
+    args = recorded_init_args(checkpoint, UnitTranslation)
     args["translator"] = checkpoint["translator_config"]  # the configuration as trained, whatever the preset
     if beam_size is not None:
         if beam_size < 1:

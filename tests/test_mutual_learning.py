@@ -225,3 +225,25 @@ def test_reconstruction_needs_a_renderer_and_faces(word_list, face_renderer):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0)
     with pytest.raises(FileNotFoundError):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_rec=1.0, renderer="missing.ckpt")
+
+
+def test_a_reconstruction_checkpoint_loads_for_recognition_without_its_renderer(word_list, face_renderer, tmp_path):
+    """The renderer of + L_rec is a training aid read from its file: a recogniser loads without it, same outputs."""
+    import shutil
+
+    from test_av2av import save_stage
+
+    from av2av_lightning.transcribers import load_recogniser
+
+    renderer = shutil.copy(face_renderer, tmp_path / "face.ckpt")
+    torch.manual_seed(0)
+    module = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, codebook_size=8, lambda_rec=1.0, renderer=str(renderer)
+    ).eval()
+    checkpoint = save_stage(module, tmp_path / "words.ckpt")
+    Path(renderer).unlink()
+    recogniser = load_recogniser(checkpoint, task="words").module
+    assert recogniser.renderer is None and recogniser.unit_head is None
+    features, padding = torch.randn(2, 7, SMALL["embed_dim"]), torch.zeros(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(recogniser.recognise(features, padding), module.recognise(features, padding))
