@@ -404,10 +404,16 @@ class AV2AVPipeline:
         return self.speaker_encoder.embed_utterance(torch.from_numpy(wave).to(self.device))
 
     @torch.inference_mode()
-    def synthesize(self, units: list[int], speaker: torch.Tensor | None) -> tuple[np.ndarray, list[int]]:
-        """Speech zero-padded to whole 25 fps frames, and the predicted 50 Hz durations of the units."""
+    def synthesize(
+        self, units: list[int], speaker: torch.Tensor | None, durations: list[int] | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Speech zero-padded to whole 25 fps frames, and the 50 Hz durations of the units: predicted, unless
+        ``durations`` (e.g. a clip's own, for resynthesis) are given."""
         ids = torch.tensor(units, dtype=torch.long, device=self.device)
-        durations = durations_from_log(self.vocoder.log_durations(ids[None])[0])
+        if durations is None:
+            durations = durations_from_log(self.vocoder.log_durations(ids[None])[0])
+        else:
+            durations = torch.tensor(durations, dtype=torch.long, device=self.device)
         wave = self.vocoder.synthesize(ids, speaker, durations).float().cpu().numpy()
         frames = math.ceil(int(durations.sum()) / UNITS_PER_FRAME)
         return fit_audio(wave, frames), durations.tolist()

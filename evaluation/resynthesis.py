@@ -169,11 +169,8 @@ def resynthesize(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The clip's speech (and face, when it has one and the pipeline a renderer) from its ground-truth units: the
     pipeline's vocoder with the given 50 Hz durations, fitted to the clip's frames, and its face renderer."""
-    speaker = pipeline.speaker_embedding(clip.wave)
-    with torch.inference_mode():
-        ids = torch.tensor(units, dtype=torch.long, device=pipeline.device)
-        lengths = torch.tensor(durations, dtype=torch.long, device=pipeline.device)
-        wave = fit_audio(pipeline.vocoder.synthesize(ids, speaker, lengths).float().cpu().numpy(), clip.num_frames)
+    wave, _ = pipeline.synthesize(units, pipeline.speaker_embedding(clip.wave), durations)
+    wave = fit_audio(wave, clip.num_frames)
     face = None
     if pipeline.renderer is not None and clip.face is not None:
         face = pipeline.render(clip.face, units, durations, clip.num_frames)

@@ -319,3 +319,12 @@ def test_batch_mode_writes_one_output_per_sample_and_an_index(config, tmp_path):
     run_cli(["--pipeline", str(yaml_path), "--shards", shards.pattern, "--src", "es", "--tgt", "en", "--out", str(out)])
     entries = [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
     assert [e["key"] for e in entries] == [k for k in shards.keys if shards.metas[k].lang == "es"]
+
+
+def test_synthesis_follows_given_durations_instead_of_predicting_them(pipeline):
+    """Resynthesis passes a clip's own durations: the speech lasts exactly as long, 320 samples per 50 Hz unit."""
+    units, durations = [1, 2, 3], [4, 1, 3]  # 8 units at 50 Hz: 4 video frames
+    wave, used = pipeline.synthesize(units, None, durations)
+    assert used == durations and len(wave) == 4 * 640
+    predicted, _ = pipeline.synthesize(units, None)
+    assert len(predicted) % 640 == 0
