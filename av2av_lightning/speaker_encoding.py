@@ -4,12 +4,13 @@ GE2E needs batches of N speakers x M utterances, but the shared datamodule yield
 whatever utterances come along. `SpeakerEncoderTraining` therefore keeps a small bank of recent Mel
 spectrograms per speaker (inputs, not embeddings: every step re-encodes them with the current weights) and
 draws each GE2E batch from it; a step is skipped until at least two speakers have M utterances banked.
-The bank is not saved in checkpoints, so a resumed run refills it first.
+The bank and its sampler's state are saved in checkpoints, so a resumed run draws what the interrupted one would
+have (under DDP the checkpoint holds rank 0's bank, which every rank then resumes from).
 
 Under DDP every rank banks its own batches. Lightning cannot skip a step there (DDP all-reduces gradients in every
 rank's backward), so until every rank can draw a GE2E batch all ranks take a zero-gradient step instead: Adam's
-moments are still zero before the first real step, so without weight decay (the default) the weights do not move
-(after a resume only Adam's momentum moves them for the few steps the banks take to refill). The validation EER is
+moments are still zero before the first real step, so without weight decay (the default) the weights do not move.
+The validation EER is
 computed on every rank over the embeddings of all ranks.
 """
 

@@ -216,7 +216,7 @@ def test_reconstruction_through_the_frozen_renderer_trains_the_encoder_not_the_r
     assert module.encoder.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
     assert not module.renderer.training and all(p.grad is None for p in module.renderer.parameters())
     assert all(torch.equal(renderer_before[k], v) for k, v in module.renderer.state_dict().items())
-    assert history[-1] < history[0] and min(history) < history[0], history
+    assert history[-1] < history[0], history
     assert torch.isfinite(loss)
 
 
