@@ -192,7 +192,7 @@ class SkipsBatch:
 
 
 class SkippingVocoder(SkipsBatch, UnitVocoder):
-    pass
+    """The vocoder's reference run."""
 
 
 class NaNFace(FaceRendering):
@@ -209,7 +209,7 @@ class NaNFace(FaceRendering):
 
 
 class SkippingFace(SkipsBatch, FaceRendering):
-    pass
+    """The face renderer's reference run."""
 
 
 def trained_state(module, trainer) -> dict[str, Any]:
