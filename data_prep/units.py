@@ -35,7 +35,9 @@ import torch
 from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.data.schema import VIDEO_FPS
 from av2av_lightning.data.sidecar import SidecarWriter
+from data_prep.clustering.cli import NORM_HELP
 from data_prep.clustering.kmeans import (
+    FEATURE_NORMS,
     LABEL_DTYPE,
     FeatureSource,
     KMeansQuantizer,
@@ -181,16 +183,17 @@ def build_units(
     sample_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,
+    norm: str = "utterance-cosine",
 ) -> tuple[int, dict[str, Path]]:
     """Units of every split with ``quantizer``, or with one fitted on ``train_shards`` (saved as ``kmeans.npz``),
     or from the label heads of a `head_source`; writes the unit dictionary and returns the number of units and
-    the unit sidecar of each split."""
+    the unit sidecar of each split. ``norm`` is the fitted quantizer's per-utterance feature normalisation."""
     out_dir = Path(out_dir)
     heads = source.spec.get("kind") == "heads"
     if quantizer is None and not heads:
         if train_shards is None:
             raise ValueError("give train_shards to fit k-means on, or a fitted quantizer")
-        quantizer = fit_on_shards(train_shards, source, k, sample_fraction, seed, progress)
+        quantizer = fit_on_shards(train_shards, source, k, sample_fraction, seed, progress, norm)
         quantizer.save(out_dir / "kmeans.npz")
     counts, paths = 0, {}
     for split, pattern in splits.items():
@@ -236,6 +239,7 @@ def _extract(args: argparse.Namespace) -> None:
         args.sample_fraction,
         args.seed,
         not args.quiet,
+        args.norm,
     )
     print(f"{Path(args.out) / DICTIONARY_NAME}: {k} units at {source.spec['rate']:g} Hz before de-duplication")
     heard = f" with {noise.kind} noise at {noise.snr_db:g} dB" if source.noise is not None else ""
@@ -259,6 +263,7 @@ def add_arguments(commands) -> None:
     extract.add_argument("--k", type=int, default=100, help="number of units (1000 at base/large)")
     extract.add_argument("--sample-fraction", type=float, default=0.1, help="fraction of utterances to fit on")
     extract.add_argument("--seed", type=int, default=0)
+    extract.add_argument("--norm", choices=FEATURE_NORMS, default="utterance-cosine", help=NORM_HELP)
     extract.add_argument("--noise-snr", type=float, metavar="DB", help="mix noise into the audio at this SNR (dB)")
     extract.add_argument("--noise-type", choices=NOISE_TYPES, default="babble", help="noise of --noise-snr")
     extract.add_argument("--device", default="auto", help="cpu, cuda or auto")

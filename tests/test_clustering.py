@@ -23,6 +23,7 @@ from data_prep.clustering.kmeans import (
     label_shards,
     layer_source,
     model_layer_source,
+    normalize_utterance,
     sample_selector,
 )
 from data_prep.clustering.mfcc import deltas, mfcc_features
@@ -101,6 +102,51 @@ def test_quantizer_round_trip_and_matches_sklearn(tmp_path):
     loaded = KMeansQuantizer.load(quantizer.save(tmp_path / "km.npz"))
     assert np.array_equal(loaded(test), quantizer(test))
     assert loaded.spec == quantizer.spec and (loaded.k, loaded.dim) == (16, 8)
+
+
+def test_normalize_utterance_standardises_and_scales_frames():
+    feats = np.random.default_rng(0).normal(3.0, 2.0, (50, 6)).astype(np.float32)
+    standard = normalize_utterance(feats, "utterance")
+    assert np.allclose(standard.mean(0), 0, atol=1e-5) and np.allclose(standard.std(0), 1, atol=1e-3)
+    assert np.allclose(np.linalg.norm(normalize_utterance(feats, "cosine"), axis=1), 1)
+    both = normalize_utterance(torch.from_numpy(feats), "utterance-cosine")
+    assert isinstance(both, torch.Tensor) and torch.allclose(
+        both, torch.nn.functional.normalize(torch.from_numpy(standard))
+    )
+    assert normalize_utterance(feats, "none") is feats
+    with pytest.raises(ValueError, match=r"needs one utterance's features \[T, D\], got shape \(2, 50, 6\)"):
+        normalize_utterance(np.stack([feats, feats]), "utterance")
+    with pytest.raises(ValueError, match="must be one of none, utterance, cosine, utterance-cosine, got 'l2'"):
+        normalize_utterance(feats, "l2")
+
+
+def test_normalised_quantizer_ignores_an_utterance_offset_and_keeps_its_norm(tmp_path):
+    """Two speakers whose features differ by a per-utterance offset and scale: raw k-means splits them by speaker,
+    the utterance-normalised quantizer labels their frames alike (what per-utterance normalisation is for)."""
+    feats, truth = _blobs()
+    order = np.random.default_rng(1).permutation(len(feats))
+    feats, truth = feats[order], truth[order]
+    first, second = feats[: len(feats) // 2], feats[len(feats) // 2 :]
+    speaker_b = 2.5 * second + 40.0
+    parts = [normalize_utterance(first, "utterance-cosine"), normalize_utterance(speaker_b, "utterance-cosine")]
+    quantizer = fit_kmeans(np.concatenate(parts), 4, n_init=3, norm="utterance-cosine")
+    raw = fit_kmeans(np.concatenate([first, speaker_b]), 4, n_init=3)
+
+    def purity(model, utterances):
+        counts = PhoneCounts(4)
+        for utterance, phones in zip(utterances, np.split(truth, 2)):
+            counts.add([str(p) for p in phones], model(utterance))
+        return phone_purity(counts.matrix())
+
+    assert purity(quantizer, [first, speaker_b]) > 0.95 and purity(raw, [first, speaker_b]) < 0.75
+    loaded = KMeansQuantizer.load(quantizer.save(tmp_path / "km.npz"))
+    assert loaded.norm == "utterance-cosine" and np.array_equal(loaded(speaker_b), quantizer(speaker_b))
+    header = {"format": "av2av-kmeans", "version": 1, "k": 2, "dim": 3, "spec": {}}
+    np.savez(tmp_path / "old.npz", header=np.array(json.dumps(header)), centroids=np.zeros((2, 3), np.float32))
+    assert KMeansQuantizer.load(tmp_path / "old.npz").norm == "none"  # written before normalisation existed
+    np.savez(tmp_path / "odd.npz", header=np.array(json.dumps(header | {"norm": "l2"})), centroids=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"odd.npz: unknown feature normalisation 'l2'"):
+        KMeansQuantizer.load(tmp_path / "odd.npz")
 
 
 def test_quantizer_load_refuses_other_files(tmp_path):

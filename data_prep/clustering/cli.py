@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from data_prep.clustering.kmeans import FEATURE_NORMS
+
 
 def parse_splits(items: list[str] | None, train: list[str]) -> dict[str, str | list[str]]:
     """``--label NAME=PATTERN`` pairs (a repeated name adds patterns); default: the training shards as ``train``."""
@@ -42,6 +44,7 @@ def _mfcc(args: argparse.Namespace) -> None:
         seed=args.seed,
         progress=not args.quiet,
         batch_size=args.batch_size,
+        norm=args.norm,
         n_init=args.n_init,
         max_iter=args.max_iter,
     )
@@ -84,9 +87,12 @@ def _layer(args: argparse.Namespace) -> None:
     if not args.shards:
         raise ValueError("--shards (training shards to fit on) is required without --quantizer")
     quantizer, paths = build_targets(
-        args.shards, splits, source, args.out, args.k, args.sample_fraction, args.seed, not args.quiet
+        args.shards, splits, source, args.out, args.k, args.sample_fraction, args.seed, not args.quiet, args.norm
     )
-    print(f"{Path(args.out) / 'kmeans.npz'}: k={quantizer.k}, dim={quantizer.dim}, inertia {quantizer.inertia:.4f}")
+    print(
+        f"{Path(args.out) / 'kmeans.npz'}: k={quantizer.k}, dim={quantizer.dim}, {quantizer.norm} normalisation, "
+        f"inertia {quantizer.inertia:.4f}"
+    )
     for split, path in paths.items():
         print(f"{path}: {split} labels from {args.modality} input at 25 Hz")
 
@@ -110,6 +116,9 @@ def _quality(args: argparse.Namespace) -> None:
     print(format_quality({Path(labels.source).name: report}))
 
 
+NORM_HELP = "per-utterance feature normalisation before k-means, kept in kmeans.npz (a --quantizer has its own)"
+
+
 def add_arguments(commands) -> None:
     """Add ``cluster`` and its actions to the ``av2av`` subparsers."""
     cluster = commands.add_parser("cluster", help="k-means cluster targets and unit quality")
@@ -129,6 +138,7 @@ def add_arguments(commands) -> None:
     mfcc.add_argument("--batch-size", type=int, default=10_000, help="MiniBatchKMeans batch size")
     mfcc.add_argument("--n-init", type=int, default=20, help="k-means++ initialisations")
     mfcc.add_argument("--max-iter", type=int, default=100, help="passes over the fitting sample")
+    mfcc.add_argument("--norm", choices=FEATURE_NORMS, default="none", help=NORM_HELP)
     mfcc.add_argument("--quiet", action="store_true", help="no progress bars")
     mfcc.set_defaults(handler=_mfcc)
     layer = actions.add_parser("layer", help="iteration-n targets: k-means on a layer of an encoder checkpoint")
@@ -138,6 +148,7 @@ def add_arguments(commands) -> None:
     layer.add_argument("--shards", action="append", help="training shards to fit on (repeatable)")
     layer.add_argument("--label", action="append", metavar="NAME=PATTERN", help="split to label (repeatable)")
     layer.add_argument("--quantizer", help="label with this saved kmeans.npz instead of fitting a new one")
+    layer.add_argument("--norm", choices=FEATURE_NORMS, default="utterance-cosine", help=NORM_HELP)
     layer.add_argument("--out", required=True, help="output folder (kmeans.npz and label sidecars)")
     layer.add_argument("--k", type=int, default=100, help="number of clusters")
     layer.add_argument("--sample-fraction", type=float, default=0.1, help="fraction of training utterances to fit on")
