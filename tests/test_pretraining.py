@@ -16,7 +16,7 @@ from av2av_lightning.data.batching import IGNORE_INDEX
 from av2av_lightning.data.datamodule import AVDataModule
 from av2av_lightning.data.sidecar import Sidecar
 from av2av_lightning.pretraining import AVHubertPretraining
-from data_prep.clustering.kmeans import build_targets, mfcc_source
+from data_prep.clustering.kmeans import KMeansQuantizer, build_targets, mfcc_source
 from data_prep.clustering.unit_quality import agreement
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments" / "pretrain"
@@ -120,6 +120,9 @@ def test_next_iteration_targets_from_a_layer_and_cross_modal_agreement(trained, 
     labels = Sidecar.load(tmp_path / "iter2" / "train.km4.npz")
     assert labels.rate == 25 and len(labels) == len(shards.keys)
     assert all(len(labels[key]) == frames for key, frames in shards.lengths.items())
+    assert KMeansQuantizer.load(tmp_path / "iter2" / "kmeans.npz").norm == "utterance-cosine"  # the default
+    assert main([*fit, "--norm", "none", "--out", str(tmp_path / "raw")]) == 0
+    assert KMeansQuantizer.load(tmp_path / "raw" / "kmeans.npz").norm == "none"
     for modality in ("audio", "video"):
         assert (
             main(
