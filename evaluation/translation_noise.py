@@ -9,7 +9,9 @@ The translator was trained on units from audio-only input. For every split, inpu
 and SNR (``clean`` and dB values; babble noise by default) the source units are extracted with the quantizer the
 translator's training units were made with, translated (`UnitTranslation` validation: beam search) and scored
 against the reference target units (clean audio): unit BLEU and unit edit distance overall, then unit BLEU per
-direction. Noise is mixed into the audio per sample key (`WaveNoise`), so A and AV hear the same noise; video-only
+direction. The ``shuffled`` input is the chance control: every sentence's clean audio units swapped for those of
+another sentence of the same language, so what it scores comes from the translator's model of the target language
+alone, and an input is only informative by how far it stays above it. Noise is mixed into the audio per sample key (`WaveNoise`), so A and AV hear the same noise; video-only
 input hears none, so its clean units serve every SNR (its rows say noise ``none``).
 
 Units are cached as ``OUT/units/CONDITION/SPLIT.units.npz``: a rerun extracts only what is missing or was made from
@@ -28,27 +30,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from tqdm import tqdm
 
 from av2av_lightning.checkpoints import expect_stage, load_checkpoint, load_encoder, recorded_init_args
 from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.data.pipeline import resolve_shards
-from av2av_lightning.data.sidecar import read_header
+from av2av_lightning.data.sidecar import Sidecar, SidecarWriter, read_header
 from av2av_lightning.data.unit_pairs import UnitPairDataModule
 from av2av_lightning.models.avhubert import AVHubert
 from av2av_lightning.translation import UnitTranslation
 from data_prep.clustering.cli import parse_splits, resolve_device
-from data_prep.clustering.kmeans import MODALITIES, FeatureSource, KMeansQuantizer, WaveNoise, model_layer_source
+from data_prep.clustering.kmeans import (
+    MODALITIES,
+    FeatureSource,
+    KMeansQuantizer,
+    WaveNoise,
+    iter_metas,
+    model_layer_source,
+)
 from data_prep.units import extract_units
 from evaluation.tables import save_figure, write_table
 
-INPUTS = MODALITIES  # av, audio, video
+SHUFFLED = "shuffled"
+INPUTS = (*MODALITIES, SHUFFLED)  # av, audio, video and the chance control
 SNRS = ("clean", "0", "-5")
 NAME = "translation_noise"
 
 Row = dict[str, str | int | float]
 
-__all__ = ["INPUTS", "SNRS", "Evaluator", "load_evaluator", "load_translation", "main", "parse_snr", "plot"]
+__all__ = ["INPUTS", "SHUFFLED", "SNRS", "Evaluator", "load_evaluator", "load_translation", "main", "parse_snr", "plot"]
 
 
 def parse_snr(value: str | float | None) -> float | None:
@@ -111,6 +122,28 @@ class Evaluator:
         extract_units(shards, source, self.quantizer, folder, split, self.progress)
         return path
 
+    def shuffled(self, split: str, shards, reference: Path, out: Path) -> Path:
+        """The chance control's sidecar: each sentence gets the ``reference`` units of the next sentence of its
+        language in a seeded permutation (a rotation, so never its own), rebuilt when the reference changed."""
+        path = out / "units" / SHUFFLED / f"{split}.units.npz"
+        source = {"control": SHUFFLED, "reference": read_header(reference).get("source")}
+        if path.is_file() and read_header(path).get("source") == source:
+            return path
+        units = Sidecar.load(reference)
+        by_language: dict[str, list[str]] = {}
+        for meta in iter_metas(shards):
+            if meta.key in units:
+                by_language.setdefault(meta.lang, []).append(meta.key)
+        writer = SidecarWriter(path, units.name, units.rate, units.dtype, source=source)
+        rng = np.random.default_rng(0)
+        for keys in by_language.values():
+            if len(keys) < 2:
+                raise ValueError(f"{split}: the shuffled control needs two sentences per language, got {keys}")
+            order = [keys[i] for i in rng.permutation(len(keys))]
+            for key, other in zip(order, order[1:] + order[:1]):
+                writer.add(key, units[other])
+        return writer.close()
+
     def score(self, shards, source_units: Path, target_units: Path) -> tuple[int, dict[str, float]]:
         """Translate every sentence pair of the shards; the number of pairs and the validation metrics."""
         data = UnitPairDataModule(
@@ -156,9 +189,13 @@ class Evaluator:
         results = []
         for split, name, snr in tqdm(conditions, desc="conditions", unit="run", disable=not self.progress):
             reference = self.units(split, splits[split], self.source("audio", None, noise_type), out)
-            source = self.source(name, snr, noise_type)
-            pairs, metrics = self.score(splits[split], self.units(split, splits[split], source, out), reference)
-            noise = "none" if source.noise is None else source.noise.kind
+            if name == SHUFFLED:
+                units, noise = self.shuffled(split, splits[split], reference, out), "none"
+            else:
+                source = self.source(name, snr, noise_type)
+                units = self.units(split, splits[split], source, out)
+                noise = "none" if source.noise is None else source.noise.kind
+            pairs, metrics = self.score(splits[split], units, reference)
             results.append(({"split": split, "input": name, "snr": _snr(snr), "noise": noise, "pairs": pairs}, metrics))
         return table_rows(results, self.translation.directions())
 

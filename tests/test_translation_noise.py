@@ -17,7 +17,14 @@ from av2av_lightning.data.transforms import lip_transform
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.models.unit_translator import EOS
 from av2av_lightning.translation import UnitTranslation
-from data_prep.clustering.kmeans import KMeansQuantizer, WaveNoise, extract_features, iter_samples, layer_source
+from data_prep.clustering.kmeans import (
+    KMeansQuantizer,
+    WaveNoise,
+    extract_features,
+    iter_metas,
+    iter_samples,
+    layer_source,
+)
 from data_prep.clustering.kmeans import model_layer_source as layer_of
 from data_prep.units import add_arguments, dedup, extract_units, head_source
 from evaluation.translation_noise import main, parse_snr
@@ -179,7 +186,7 @@ def test_bad_input_gives_one_line_errors(av_shards, files, tmp_path, capsys):
     base = ["--encoder", str(files["encoder"]), "--translator", str(files["translator"]), "--label",
             f"valid={av_shards.pattern}", "--out", str(tmp_path), "--device", "cpu", "--quiet"]  # fmt: skip
     cases = {
-        "unknown inputs ['lips']; expected some of av, audio, video": ["--inputs", "av", "lips"],
+        "unknown inputs ['lips']; expected some of av, audio, video, shuffled": ["--inputs", "av", "lips"],
         "SNR 'loud' is not a number of dB or 'clean'": ["--snrs", "clean", "loud"],
         "noise type must be one of white, babble, got 'pink'": ["--noise-type", "pink"],
     }
@@ -194,7 +201,7 @@ def test_bad_input_gives_one_line_errors(av_shards, files, tmp_path, capsys):
     assert not list(tmp_path.glob("units/*"))  # nothing extracted before the inputs were checked
 
 
-@pytest.mark.slow  # builds the tiny corpus, extracts 7 unit sets and translates 9 times
+@pytest.mark.slow  # builds the tiny corpus, extracts 7 unit sets and translates 12 times
 def test_runner_writes_every_input_and_snr_row_and_the_plot(tiny_corpus, files, tmp_path, capsys):
     root, _ = tiny_corpus
     test = str(root / "sentences" / "test-*.tar")
@@ -204,12 +211,12 @@ def test_runner_writes_every_input_and_snr_row_and_the_plot(tiny_corpus, files, 
     with open(tmp_path / "translation_noise.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["input"], r["snr"]) for r in rows] == [
-        (i, s) for i in ("av", "audio", "video") for s in ("clean", "0", "-5")
+        (i, s) for i in ("av", "audio", "video", "shuffled") for s in ("clean", "0", "-5")
     ]
     directions = [f"unit_bleu_{s}-{t}" for s in ("en", "es", "fr") for t in ("en", "es", "fr") if s != t]
     assert list(rows[0]) == ["split", "input", "snr", "noise", "pairs", "unit_bleu", "unit_edit", *directions]
     assert {r["pairs"] for r in rows} == {"12"}  # 2 sentences x 6 directions
-    assert [r["noise"] for r in rows] == ["none", "babble", "babble"] * 2 + ["none"] * 3
+    assert [r["noise"] for r in rows] == ["none", "babble", "babble"] * 2 + ["none"] * 6
     video = [r for r in rows if r["input"] == "video"]
     assert all(r["unit_bleu"] == video[0]["unit_bleu"] and r["unit_edit"] == video[0]["unit_edit"] for r in video)
     assert all(0.0 <= float(r["unit_bleu"]) <= 100.0 and float(r["unit_edit"]) >= 0.0 for r in rows)
@@ -218,11 +225,18 @@ def test_runner_writes_every_input_and_snr_row_and_the_plot(tiny_corpus, files, 
     assert (tmp_path / "translation_noise.png").read_bytes()[:4] == b"\x89PNG"
     cached = sorted(p.parent.name for p in tmp_path.glob("units/*/test.units.npz"))
     assert cached == ["audio_babble_-5dB", "audio_babble_0dB", "audio_clean", "av_babble_-5dB", "av_babble_0dB",
-                      "av_clean", "video_clean"]  # fmt: skip
+                      "av_clean", "shuffled", "video_clean"]  # fmt: skip
+    # the chance control: every sentence holds the clean units of another sentence of its own language
+    clean, shuffled = (Sidecar.load(tmp_path / "units" / n / "test.units.npz") for n in ("audio_clean", "shuffled"))
+    language = {meta.key: meta.lang for meta in iter_metas(test)}
+    assert set(shuffled) == set(clean)
+    for key in shuffled:
+        donors = [k for k in clean if language[k] == language[key] and np.array_equal(clean[k], shuffled[key])]
+        assert donors and key not in donors, key
     av, audio = (Sidecar.load(tmp_path / "units" / f"{n}_babble_-5dB" / "test.units.npz") for n in ("av", "audio"))
     assert set(av) == set(audio) and any(not np.array_equal(av[k], audio[k]) for k in av)  # same noise, lips added
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("units/*/*.npz")}
     capsys.readouterr()
-    assert main([*args, "--inputs", "audio", "video", "--snrs", "-5"]) == 0  # all cached: nothing re-extracted
+    assert main([*args, "--inputs", "audio", "video", "shuffled", "--snrs", "-5"]) == 0  # all cached: no re-extraction
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("units/*/*.npz")} == stamps
     assert "| test | audio | -5 | babble | 12 |" in capsys.readouterr().out
