@@ -168,6 +168,22 @@ def test_ablation_configs_build_the_published_rows(delta, word_list, face_render
     assert delta_config.get("data", {}).get("load_face", False) == (delta == "full_rec")
 
 
+@pytest.mark.parametrize("delta", ["baseline", "codebook", "full"])
+def test_sentence_config_takes_the_same_ablation_rows(delta, tiny_corpus, tmp_path):
+    """The CTC recogniser config (also the project's transcriber) builds a sentences module under each row."""
+    import yaml
+
+    root = Path(__file__).parents[1] / "experiments"
+    config = yaml.safe_load((root / "mutual_learning/tiny_sentences.yaml").read_text())
+    row = yaml.safe_load((root / f"ablations/mutual_learning/{delta}.yaml").read_text())["model"]["init_args"]
+    spm = train_sentencepiece(shards(tiny_corpus, "sentences", "train"), tmp_path / "spm.model", vocab_size=40)
+    args = {**config["model"]["init_args"], **row, "spm_model": str(spm), "pretrained": None, "encoder": SMALL}
+    module = CrossModalMutualLearning(**args)
+    assert module.hparams.task == "sentences" and module.blank == 40
+    assert (module.codebook is None) == (delta == "baseline")
+    assert config["data"]["train_shards"].endswith("sentences/train-*.tar")
+
+
 def test_soft_unit_windows_render_one_hot_units_as_their_ids():
     """The differentiable path of L_rec: one-hot unit distributions give the renderer exactly what unit ids give."""
     from av2av_lightning.models.face_renderer import FaceRenderer, FaceRendererConfig, soft_unit_windows, unit_windows
