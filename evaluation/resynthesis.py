@@ -19,7 +19,13 @@ No translation is involved, so every output has a frame-aligned reference (the c
   ``--sync-expert`` LSE-C / LSE-D of the rendered video with the resynthesised speech next to those of the
   original video with its own audio.
 
-One row per split in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
+With ``--identities own other`` each split also gets a cross-identity row (zero-shot when its speakers are held
+out): the same units with the identity, voice embedding and face, of the most recent earlier clip of another
+speaker of the split, as the manipulation directions use it. There, speaker similarity is to the identity's speaker
+(``similarity_own``) against every other speaker, the content's speaker included; PSNR / SSIM have no frame-aligned
+reference and are ``n/a``; LSE-C / LSE-D and the speech columns are scored as for the clip's own identity.
+
+One row per split and identity in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
 of training (zero-shot), from the corpus manifest (``--manifest``, by default the one beside ``--sentences``).
 """
 
@@ -54,6 +60,7 @@ ASR_LANG = "en"  # the --whisper transcriber scores English clips only
 FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio (as the vocoder's training allows)
 SPEECH_METRICS = ("stoi", "estoi", "pesq")
 SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
+IDENTITIES = ("own", "other")  # the clip's own speaker, or another speaker of the split
 
 Row = dict[str, Cell]
 
@@ -165,15 +172,16 @@ def embed(pipeline: AV2AVPipeline, wave: np.ndarray) -> torch.Tensor:
 
 
 def resynthesize(
-    pipeline: AV2AVPipeline, clip: SourceClip, units: list[int], durations: list[int]
+    pipeline: AV2AVPipeline, clip: SourceClip, units: list[int], durations: list[int], identity: SourceClip
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The clip's speech (and face, when it has one and the pipeline a renderer) from its ground-truth units: the
-    pipeline's vocoder with the given 50 Hz durations, fitted to the clip's frames, and its face renderer."""
-    wave, _ = pipeline.synthesize(units, pipeline.speaker_embedding(clip.wave), durations)
+    """The clip's speech (and face, when the identity has one and the pipeline a renderer) from its ground-truth
+    units: the pipeline's vocoder with the given 50 Hz durations and the identity's voice, fitted to the clip's
+    frames, and its face renderer over the identity's face."""
+    wave, _ = pipeline.synthesize(units, pipeline.speaker_embedding(identity.wave), durations)
     wave = fit_audio(wave, clip.num_frames)
     face = None
-    if pipeline.renderer is not None and clip.face is not None:
-        face = pipeline.render(clip.face, units, durations, clip.num_frames)
+    if pipeline.renderer is not None and identity.face is not None:
+        face = pipeline.render(identity.face, units, durations, clip.num_frames)
     return wave, face
 
 
@@ -184,8 +192,11 @@ def score_clip(
     meta: SampleMeta,
     wave: np.ndarray,
     face: np.ndarray | None,
+    identity: tuple[SampleMeta, SourceClip],
 ) -> None:
-    """Add one resynthesised clip's scores against the original clip."""
+    """Add one resynthesised clip's scores against the original clip (speaker similarity: against the identity's
+    speaker, whose clip conditioned it; frame-aligned face scores only for the clip's own identity)."""
+    identity_meta, identity_clip = identity
     scores.speech.update(pred_wave=[wave], ref_wave=[clip.wave])
     if scores.asr is not None and meta.lang == ASR_LANG:
         scores.asr.update(pred_wave=[wave], ref_text=[meta.text])
@@ -193,10 +204,11 @@ def score_clip(
         scores.counts["transcribed"] += 1
     if pipeline.speaker_encoder is not None:
         scores.outputs.append(embed(pipeline, wave))
-        scores.references.append(embed(pipeline, clip.wave))
-        scores.speakers.append(meta.speaker)
+        scores.references.append(embed(pipeline, identity_clip.wave))
+        scores.speakers.append(identity_meta.speaker)
     if face is not None:
-        scores.face.update(pred_video=[face], ref_video=[clip.face])
+        if identity_clip is clip:
+            scores.face.update(pred_video=[face], ref_video=[clip.face])
         if scores.sync is not None:
             scores.sync.update(pred_video=[face], pred_wave=[wave])
             scores.sync_reference.update(pred_video=[clip.face], pred_wave=[clip.wave])
@@ -204,10 +216,20 @@ def score_clip(
 
 
 def evaluate_split(
-    pipeline: AV2AVPipeline, shards: list[str], units: SplitUnits, scorers: Scorers, limit: int | None
+    pipeline: AV2AVPipeline,
+    shards: list[str],
+    units: SplitUnits,
+    scorers: Scorers,
+    limit: int | None,
+    identity: str = "own",
 ) -> SplitScores:
-    """Resynthesise and score the split's sentence clips (the first ``limit`` that have units)."""
+    """Resynthesise and score the split's sentence clips (the first ``limit`` that have units), each with its own
+    identity or with that of the most recent earlier clip of another speaker (a clip before any such is counted
+    in ``no_identity``)."""
+    if identity not in IDENTITIES:
+        raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
     scores = SplitScores.build(scorers)
+    latest: dict[str, tuple[SampleMeta, SourceClip]] = {}  # each speaker's most recent clip, oldest speaker first
     for meta, clip in iter_shard_clips(shards):
         if meta.kind != "sentence":
             continue
@@ -219,17 +241,26 @@ def evaluate_split(
         if meta.key not in units.units or meta.key not in units.durations:
             scores.counts["no_units"] += 1
             continue
-        wave, face = resynthesize(pipeline, clip, *units.stream(meta.key, clip.num_frames))
-        score_clip(scores, pipeline, clip, meta, wave, face)
+        donor = (meta, clip)
+        if identity == "other":
+            others = [entry for speaker, entry in latest.items() if speaker != meta.speaker]
+            latest.pop(meta.speaker, None)
+            latest[meta.speaker] = (meta, clip)
+            if not others:
+                scores.counts["no_identity"] += 1
+                continue
+            donor = others[-1]
+        wave, face = resynthesize(pipeline, clip, *units.stream(meta.key, clip.num_frames), donor[1])
+        score_clip(scores, pipeline, clip, meta, wave, face, donor)
         scores.counts["clips"] += 1
     return scores
 
 
-def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
+def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own") -> Row:
     """The split's row: counts, then every score (``n/a: why`` where it is not measured)."""
     counts = scores.counts
-    row: Row = {"split": split, "speakers": kind, "clips": counts["clips"]}
-    row |= {"no_units": counts["no_units"], "undecodable": counts["undecodable"]}
+    row: Row = {"split": split, "speakers": kind, "identity": identity, "clips": counts["clips"]}
+    row |= {"no_identity": counts["no_identity"], "no_units": counts["no_units"], "undecodable": counts["undecodable"]}
     nothing = "n/a: no clip scored"
     speech = {k: float(v) for k, v in scores.speech.compute().items()}
     for key in SPEECH_METRICS:
@@ -241,7 +272,7 @@ def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipelin
         row["wer_en"] = float(scores.asr.compute()["wer"])
         row["reference_wer_en"] = float(scores.asr_reference.compute()["wer"])
     row |= _similarity(scores, pipeline)
-    row |= _face(scores, pipeline)
+    row |= _face(scores, pipeline, identity)
     return row
 
 
@@ -257,12 +288,15 @@ def _similarity(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
     return {key: _defined(found[key], reason) for key in SIMILARITY_KEYS} | {"similarity_scored": found["scored"]}
 
 
-def _face(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
+def _face(scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own") -> Row:
     reason = "n/a: no face_renderer in the pipeline" if pipeline.renderer is None else "n/a: no clip with a face"
     if not scores.counts["rendered"]:
         return {key: reason for key in ("psnr", "ssim", "lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
-    face = {k: float(v) for k, v in scores.face.compute().items()}
-    row: Row = {"psnr": face["psnr"], "ssim": face["ssim"]}
+    if identity == "own":
+        face = {k: float(v) for k, v in scores.face.compute().items()}
+        row: Row = {"psnr": face["psnr"], "ssim": face["ssim"]}
+    else:
+        row = {key: "n/a: another speaker's face has no aligned reference" for key in ("psnr", "ssim")}
     if scores.sync is None:
         return row | {k: "n/a: no --sync-expert" for k in ("lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
     ours, theirs = scores.sync.compute(), scores.sync_reference.compute()
@@ -298,10 +332,14 @@ def run(args: argparse.Namespace, pipeline: AV2AVPipeline, scorers: Scorers) -> 
     manifest = args.manifest if args.manifest is not None else args.sentences.parent / "manifest.json"
     rows = []
     for split, (shards, units) in inputs.items():
-        scores = evaluate_split(pipeline, shards, units, scorers, args.limit)
-        if not scores.counts["clips"]:
-            raise ValueError(f"split {split!r}: no sentence clip with units in {shards[0]} ... ({dict(scores.counts)})")
-        rows.append(split_row(split, speaker_kind(manifest, set(scores.speakers)), scores, pipeline))
+        for identity in args.identities:
+            scores = evaluate_split(pipeline, shards, units, scorers, args.limit, identity)
+            if not scores.counts["clips"]:
+                raise ValueError(
+                    f"split {split!r}: no sentence clip with units (and, for identity {identity}, an earlier clip of "
+                    f"another speaker) in {shards[0]} ... ({dict(scores.counts)})"
+                )
+            rows.append(split_row(split, speaker_kind(manifest, set(scores.speakers)), scores, pipeline, identity))
     return write_table(rows, args.out, TABLE)
 
 
@@ -339,6 +377,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--whisper", type=Path, help="a Whisper model folder: WER of the English clips")
     parser.add_argument("--manifest", type=Path, help="corpus manifest (held-out speakers); default: beside shards")
     parser.add_argument("--limit", type=int, help="at most this many clips per split")
+    parser.add_argument(
+        "--identities",
+        nargs="+",
+        choices=IDENTITIES,
+        default=["own"],
+        help="rows: the clip's own identity and/or another speaker's (cross-identity)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder of resynthesis.md / .csv")
     return parser.parse_args(argv)
 

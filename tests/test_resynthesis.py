@@ -130,6 +130,37 @@ def test_one_row_per_split_with_every_column_and_failing_pesq_counted(
         assert row["wer_en"] == "n/a: no --whisper" and row["lse_c"] == "n/a: no --sync-expert"
 
 
+def test_cross_identity_rows_take_voice_and_face_from_another_speaker(
+    corpus,
+    pipeline_yaml,
+    config,  # noqa: F811
+    scorers,
+    tmp_path,
+    monkeypatch,
+):
+    pipeline = AV2AVPipeline(config)
+    speakers = []  # (content speaker, identity speaker, identity clip is the content clip) per scored clip
+    original = resynthesis.score_clip
+
+    def recording(scores, pipeline, clip, meta, wave, face, identity):
+        speakers.append((meta.speaker, identity[0].speaker, identity[1] is clip))
+        original(scores, pipeline, clip, meta, wave, face, identity)
+
+    monkeypatch.setattr(resynthesis, "score_clip", recording)
+    args = arguments(corpus, pipeline_yaml, tmp_path, "--limit", "4", "--identities", "own", "other")
+    resynthesis.run(args, pipeline, scorers)
+    rows = read_rows(tmp_path)
+    assert [(r["split"], r["identity"]) for r in rows] == [(s, i) for s in SPLITS for i in ("own", "other")]
+    own, other = rows[0], rows[1]
+    assert own["no_identity"] == "0" and int(other["no_identity"]) >= 1  # the first clip has no earlier speaker
+    assert other["clips"] == "4" and other["psnr"] == "n/a: another speaker's face has no aligned reference"
+    for key in ("stoi", "lse_c", "lse_d", "similarity_own", "similarity_other"):
+        assert math.isfinite(float(other[key])), key
+    assert len(speakers) == 16
+    assert all(content == identity and same for content, identity, same in speakers[:4])
+    assert all(content != identity and not same for content, identity, same in speakers[4:8])
+
+
 def test_own_vs_other_compares_with_the_right_speakers():
     e = torch.eye(4)
     speakers = ["a", "a", "b", "b", "c"]
