@@ -167,6 +167,13 @@ class SourceClip:
             raise ValueError(f"{self.name}: no video track, but input {input!r} needs video")
         _check_length(self.name, self.num_frames / VIDEO_FPS, max_seconds)
 
+    def paste_back(self, faces: np.ndarray) -> np.ndarray:
+        """Rendered faces [F, 96, 96, 3] in this clip's original frames (real footage: pasted along the track, whose
+        frames ping-pong as the render's poses did); crops are returned as they are."""
+        if self.track is None:
+            return faces
+        return self.track.paste(faces, pingpong_indices(len(self.track), len(faces)))
+
 
 def _check_length(name: str, seconds: float, max_seconds: float) -> None:
     if seconds * VIDEO_FPS < MIN_FRAMES:
@@ -484,7 +491,7 @@ class AV2AVPipeline:
                 face = self.render(clip.face, units, durations, len(wave) // SAMPLES_PER_FRAME)
             if clip.track is not None:
                 with timer("paste"):
-                    face = clip.track.paste(face, pingpong_indices(len(clip.track), len(face)))
+                    face = clip.paste_back(face)
         result = Translation(wave, face, units, durations, source, src_lang, tgt_lang, input, timer.seconds)
         if self.config.transcriber is not None:
             with timer("transcription"):

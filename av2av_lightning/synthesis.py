@@ -4,7 +4,8 @@ The four synthesis directions of cross-modal mutual learning: the linguistic con
 clip's audio, video or both (``content_from``: the encoder sees only those, as in `AV2AVPipeline.translate`), the
 identity from the ``identity`` clip: its voice (speaker encoder on its audio) and its face (renderer reference and
 ping-pong pose frames). ``output`` picks what is made: ``audio`` (speech only), ``video`` or ``av`` (faces at
-25 fps with the speech locked to them, ``len(wave) == 640 * frames``). Video content with audio output is
+25 fps with the speech locked to them, ``len(wave) == 640 * frames``; an identity clip of real footage gets the
+faces pasted back into its own frames, as `AV2AVPipeline.translate` does). Video content with audio output is
 face-to-voice, audio content with video output voice-to-face, and so on.
 
 Speech is always synthesised (its durations time the faces), so a ``video`` output keeps it as its sound track; its
@@ -87,6 +88,9 @@ def synthesize(
     if _needs(output)[1]:
         with timer("face"):
             face = pipeline.render(identity.face, units, durations, len(wave) // SAMPLES_PER_FRAME)
+        if identity.track is not None:
+            with timer("paste"):
+                face = identity.paste_back(face)
     result = Translation(wave, face, units, durations, units, lang, lang, content_from, timer.seconds)
     if lang and pipeline.config.transcriber is not None:
         with timer("transcription"):

@@ -208,3 +208,25 @@ def test_translate_cli_on_real_footage_writes_the_original_resolution(config, tm
     with pytest.raises(ValueError, match=r"--real-footage and --face-index apply to one --input clip"):
         run_cli(["--pipeline", str(pipeline), "--shards", "x-*.tar", "--tgt", "es", "--out", "o", "--face-index", "0"])
     assert len(summary["units"]) > 0
+
+
+def test_synthesize_pastes_the_face_back_into_real_footage_of_the_identity(config, tmp_path):  # noqa: F811
+    """Voice-and-face swap with an ordinary video as identity: the output has that video's frame size."""
+    import yaml
+
+    from av2av_lightning.cli import main
+
+    frames = footage([resize(talking_face(15)[0], 144)], [moving_path(15)])
+    identity = write_mp4(tmp_path / "footage.mp4", synthetic_audio(15, np.random.default_rng(1)), frames)
+    content = write_mp4(tmp_path / "crop.mp4", synthetic_audio(15, np.random.default_rng(2)), frames[:, :96, :96])
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({k: v for k, v in vars(config).items() if v is not None}))
+    out = tmp_path / "swap.mp4"
+    argv = ["synthesize", "--pipeline", str(pipeline), "--content", str(content), "--content-from", "audio"]
+    assert main([*argv, "--identity", str(identity), "--output", "av", "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert decode_size(out) == (25.0, summary["frames"], WIDTH, HEIGHT) and summary["stage_seconds"]["paste"] > 0
+    crop_out = tmp_path / "crop_swap.mp4"  # a prepared crop as identity stays a crop
+    assert main([*argv, "--identity", str(content), "--output", "video", "--out", str(crop_out)]) == 0
+    assert decode_size(crop_out)[2:] == (96, 96)
+    assert "paste" not in json.loads(crop_out.with_suffix(".json").read_text())["stage_seconds"]
