@@ -503,8 +503,11 @@ class AV2AVPipeline:
 
 
 def write_mp4(path: str | Path, wave: np.ndarray, face: np.ndarray | None, crf: int = 18) -> Path:
-    """H.264 video (25 fps, yuv420p) and AAC audio (16 kHz mono) in one MP4; audio only when ``face`` is None."""
+    """H.264 video (25 fps, yuv420p) and AAC audio (16 kHz mono) in one MP4; audio only when ``face`` is None.
+    yuv420p needs even sizes: a frame of odd width or height gains a copy of its last column or row."""
     path = Path(path)
+    if face is not None and (face.shape[1] % 2 or face.shape[2] % 2):
+        face = np.pad(face, ((0, 0), (0, face.shape[1] % 2), (0, face.shape[2] % 2), (0, 0)), mode="edge")
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", format="mp4") as container:
         streams = []  # every stream is added before the first packet: the MP4 header lists them

@@ -180,6 +180,18 @@ def test_av_clip_gives_locked_25fps_16khz_mp4(pipeline, tmp_path):
     assert abs(samples - SAMPLES_PER_FRAME * frames) < 2048  # AAC priming and padding to 1024-sample frames
 
 
+def test_odd_frame_sizes_are_padded_to_what_h264_takes(tmp_path):
+    """yuv420p needs even sizes: an odd-sized frame gains one edge row and column and keeps its picture."""
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 256, (1, 101, 99, 3), dtype=np.uint8), 10, axis=0)
+    frames = np.repeat(np.repeat(frames[:, ::4, ::4], 4, axis=1), 4, axis=2)[:, :101, :99]  # smooth 4x4 blocks
+    out = write_mp4(tmp_path / "odd.mp4", np.zeros(10 * SAMPLES_PER_FRAME, np.float32), frames)
+    with av.open(str(out)) as container:
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(decoded) == 10 and decoded[0].shape == (102, 100, 3)
+    assert np.abs(decoded[0][:101, :99].astype(float) - frames[0]).mean() < 12  # the picture, not a shifted one
+
+
 def test_missing_modality_reaches_the_encoder_as_zeros(pipeline, tmp_path):
     """The fused front-end features (audio half, video half) of A and V input: the absent half is all zeros."""
     source = write_clip(tmp_path / "clip.mp4", frames=15, fps=25, rate=16000, channels=1)
