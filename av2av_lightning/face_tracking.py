@@ -43,6 +43,7 @@ PREPARED_MAX_SIZE = 224  # the largest face-centred crop a published corpus ship
 DETECT_MAX_SIDE = 640  # frames are decimated to at most this many pixels for the detector (speed)
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 MULTI_FACE_SHARE = 0.5  # several faces in more than this share of the frames with a face needs --face-index
+FOLLOW_SHARE = 0.5  # a face moves less than half its width between frames: a farther detection is someone else
 
 __all__ = [
     "FACE_SIZE",
@@ -123,12 +124,23 @@ def _size(points: np.ndarray) -> float:
     return float(extent[0] * extent[1])
 
 
+def _follow(faces: list[np.ndarray], last: np.ndarray) -> np.ndarray | None:
+    """The detection that continues the face ``last``: the one whose centre is nearest, if within its reach."""
+    if not faces:
+        return None
+    distances = [float(np.linalg.norm(face.mean(axis=0) - last.mean(axis=0))) for face in faces]
+    nearest = int(np.argmin(distances))
+    return faces[nearest] if distances[nearest] <= FOLLOW_SHARE * np.sqrt(_size(last)) else None
+
+
 def pick_faces(found: list[list[np.ndarray]], name: str, face_index: int | None = None) -> np.ndarray:
     """One face per frame -> landmarks [F, 68, 2], NaN where that face was not found.
 
-    Faces are ranked by size (0 = largest) in every frame. Without ``face_index`` a clip must show one face: stray
-    extra detections in a minority of frames are dropped (the largest face is kept), but several faces in most
-    frames is an error asking for a choice.
+    The face is chosen by size (``face_index``, 0 = largest) in the first frame that shows that many, then followed
+    by position through the clip, forwards and backwards: in each frame, the detection nearest to where it was,
+    within half its width (else a gap). Ranking every frame anew would jump between two faces of similar size.
+    Without ``face_index`` a clip must show one face: stray extra detections in a minority of frames are dropped,
+    but several faces in most frames is an error asking for a choice.
     """
     counts = np.array([len(faces) for faces in found])
     with_face = int((counts > 0).sum())
@@ -145,10 +157,14 @@ def pick_faces(found: list[list[np.ndarray]], name: str, face_index: int | None 
     if face_index < 0 or face_index >= counts.max():
         raise ValueError(f"{name}: --face-index {face_index}, but no frame shows more than {counts.max()} face(s)")
     track = np.full((len(found), LANDMARKS, 2), np.nan)
-    for frame, faces in enumerate(found):
-        ranked = sorted(faces, key=_size, reverse=True)
-        if face_index < len(ranked):
-            track[frame] = ranked[face_index]
+    anchor = next(frame for frame, faces in enumerate(found) if len(faces) > face_index)
+    track[anchor] = sorted(found[anchor], key=_size, reverse=True)[face_index]
+    for frames in (range(anchor + 1, len(found)), range(anchor - 1, -1, -1)):
+        last = track[anchor]
+        for frame in frames:
+            face = _follow(found[frame], last)
+            if face is not None:
+                track[frame] = last = face
     return track
 
 

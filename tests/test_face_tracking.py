@@ -171,6 +171,28 @@ def test_no_face_and_several_faces_are_one_line_errors(tmp_path):
     assert (right.landmarks[..., 0] > 180).all() and (left.landmarks[..., 0] < 150).all()
 
 
+def test_the_chosen_face_is_followed_by_position_when_sizes_cross():
+    """Two faces whose sizes cross mid-clip (one walks closer, one away): the largest in the first frame stays the
+    track, where ranking every frame would jump to the other person; a frame without it is a gap, not the other."""
+    square = np.stack(np.meshgrid(np.linspace(-0.5, 0.5, 17), np.linspace(-0.5, 0.5, 4)), -1).reshape(-1, 2)[:68]
+
+    def face(centre_x: float, width: float) -> np.ndarray:
+        return np.array([centre_x, 100.0]) + width * square
+
+    widths = np.linspace(100, 60, 10)
+    found = [
+        [face(80 + frame, left), face(300, right)] for frame, (left, right) in enumerate(zip(widths, widths[::-1]))
+    ]
+    found[6] = found[6][1:]  # the left face is missed in frame 6
+    track = pick_faces(found, "walk", face_index=0)
+    centres = track.mean(axis=1)[:, 0]
+    assert np.isnan(centres[6]) and np.allclose(np.delete(centres, 6), 80 + np.delete(np.arange(10), 6))
+    other = pick_faces(found, "walk", face_index=1)  # the smaller one in frame 0: the right face throughout
+    assert np.allclose(other.mean(axis=1)[:, 0], 300)
+    late = [[], [], *found[2:]]  # nobody in the first frames: chosen where it first appears, followed back and on
+    assert np.isnan(pick_faces(late, "late", face_index=0)[:2]).all()
+
+
 def test_frames_missing_a_face_are_filled_from_their_neighbours(clip, tmp_path):
     frames, path, _, _ = clip
     hidden = frames.copy()
