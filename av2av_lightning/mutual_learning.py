@@ -31,7 +31,7 @@ from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.face_rendering import load_face_renderer
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
-from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
+from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, symmetric_kl
 from av2av_lightning.models.face_renderer import UNITS_PER_FRAME, mask_lower_half, soft_unit_windows
 from av2av_lightning.models.recognition_head import RecognitionHead
 from av2av_lightning.optim import stage_optimizer
@@ -198,6 +198,8 @@ class CrossModalMutualLearning(L.LightningModule):
         parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid)
         if self.codebook is not None:
             parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid)
+            with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
+                parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a[valid], log_weights_v[valid]]))
         loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]
         if self.codebook is not None:
             loss = loss + self.hparams.lambda_ling * parts["ling_align"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from av2av_lightning.data.datamodule import AVDataModule
-from av2av_lightning.models.codebook import ModalityInvariantCodebook, symmetric_kl
+from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, symmetric_kl
 from av2av_lightning.mutual_learning import CrossModalMutualLearning
 from data_prep.vocab import count_words, read_words, top_words, train_sentencepiece
 
@@ -39,6 +39,16 @@ def test_codebook_weights_are_distributions_over_a_shared_basis():
     assert torch.allclose(solution.T @ codebook.basis.detach(), mixed.detach().reshape(-1, 16), atol=1e-4)
     with pytest.raises(ValueError, match="at least 2"):
         ModalityInvariantCodebook(16, 1)
+
+
+def test_basis_perplexity_counts_the_vectors_in_use():
+    uniform = torch.full((3, 5, 8), 1 / 8).log()
+    assert torch.isclose(basis_perplexity(uniform), torch.tensor(8.0))
+    collapsed = torch.nn.functional.one_hot(torch.full((3, 5), 2), 8).float().clamp_min(1e-9).log()
+    assert torch.isclose(basis_perplexity(collapsed), torch.tensor(1.0), atol=1e-4)
+    two = torch.nn.functional.one_hot(torch.tensor([[0, 1, 7, 7]]), 8).float().clamp_min(1e-9).log()
+    valid = torch.tensor([[True, True, False, False]])  # the padded frames would add a third vector
+    assert torch.isclose(basis_perplexity(two, valid), torch.tensor(2.0), atol=1e-4)
 
 
 def test_symmetric_kl_is_symmetric_zero_on_equal_and_masked():
@@ -104,6 +114,7 @@ def test_word_classification_learns_with_codebook_and_alignment(tiny_corpus, wor
     chance = 1 / len(module.words)
     assert float(trainer.callback_metrics["val/acc_audio"]) > 2 * chance, trainer.callback_metrics
     assert "val/ling_align" in trainer.callback_metrics and "val/acc_video" in trainer.callback_metrics
+    assert 1.0 <= float(trainer.callback_metrics["val/basis_used"]) <= len(module.codebook.basis)
 
 
 @pytest.mark.slow

@@ -40,3 +40,11 @@ def symmetric_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None = None) -> T
     if valid is None:
         return per_position.mean()
     return per_position[valid].mean() if valid.any() else per_position.new_zeros(())
+
+
+def basis_perplexity(log_weights: Tensor, valid: Tensor | None = None) -> Tensor:
+    """How many basis vectors are in use: ``exp`` of the entropy of the basis weights averaged over the (valid)
+    positions. ``K`` when every vector carries the same share, 1 when one takes everything (a collapsed codebook)."""
+    weights = log_weights.exp()
+    mean = (weights[valid] if valid is not None else weights.reshape(-1, weights.shape[-1])).mean(0)
+    return torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
