@@ -130,14 +130,7 @@ def test_one_row_per_split_with_every_column_and_failing_pesq_counted(
         assert row["wer_en"] == "n/a: no --whisper" and row["lse_c"] == "n/a: no --sync-expert"
 
 
-def test_cross_identity_rows_take_voice_and_face_from_another_speaker(
-    corpus,
-    pipeline_yaml,
-    config,  # noqa: F811
-    scorers,
-    tmp_path,
-    monkeypatch,
-):
+def test_cross_identity_rows_speak_with_another_speaker(corpus, pipeline_yaml, config, scorers, tmp_path, monkeypatch):  # noqa: F811
     pipeline = AV2AVPipeline(config)
     speakers = []  # (content speaker, identity speaker, identity clip is the content clip) per scored clip
     original = resynthesis.score_clip
