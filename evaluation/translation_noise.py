@@ -187,6 +187,7 @@ class Evaluator:
         out = Path(out)
         conditions = [(split, name, snr) for split in splits for name in inputs for snr in levels]
         results = []
+        scored: dict[Path, tuple[int, dict[str, float]]] = {}  # inputs without audio hear no noise: scored once
         for split, name, snr in tqdm(conditions, desc="conditions", unit="run", disable=not self.progress):
             reference = self.units(split, splits[split], self.source("audio", None, noise_type), out)
             if name == SHUFFLED:
@@ -195,7 +196,9 @@ class Evaluator:
                 source = self.source(name, snr, noise_type)
                 units = self.units(split, splits[split], source, out)
                 noise = "none" if source.noise is None else source.noise.kind
-            pairs, metrics = self.score(splits[split], units, reference)
+            if units not in scored:
+                scored[units] = self.score(splits[split], units, reference)
+            pairs, metrics = scored[units]
             results.append(({"split": split, "input": name, "snr": _snr(snr), "noise": noise, "pairs": pairs}, metrics))
         return table_rows(results, self.translation.directions())
 

@@ -201,7 +201,7 @@ def test_bad_input_gives_one_line_errors(av_shards, files, tmp_path, capsys):
     assert not list(tmp_path.glob("units/*"))  # nothing extracted before the inputs were checked
 
 
-@pytest.mark.slow  # builds the tiny corpus, extracts 7 unit sets and translates 12 times
+@pytest.mark.slow  # builds the tiny corpus, extracts 7 unit sets and translates 8 times
 def test_runner_writes_every_input_and_snr_row_and_the_plot(tiny_corpus, files, tmp_path, capsys):
     root, _ = tiny_corpus
     test = str(root / "sentences" / "test-*.tar")
