@@ -199,7 +199,7 @@ class CrossModalMutualLearning(L.LightningModule):
         if self.codebook is not None:
             parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid)
             with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
-                parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a[valid], log_weights_v[valid]]))
+                parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a, log_weights_v]), valid.repeat(2, 1))
         loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]
         if self.codebook is not None:
             loss = loss + self.hparams.lambda_ling * parts["ling_align"]
