@@ -131,10 +131,9 @@ def head_source(
         fn, 0, checkpoint, modality, batched=True, batch_frames=batch_frames, device=device, noise=noise
     )
     rate = VIDEO_FPS * len(classes)
-    source.spec = {"kind": "heads", "heads": len(classes), "k": classes[0], "checkpoint": checkpoint, "rate": rate}
-    source.spec["modality"] = modality
-    if source.noise is not None:
-        source.spec["noise"] = source.noise.spec
+    # the layer source's checkpoint, modality and noise describe head units as well; its layer does not
+    spec = {key: value for key, value in source.spec.items() if key != "layer"}
+    source.spec = spec | {"kind": "heads", "heads": len(classes), "k": classes[0], "rate": rate}
     return source
 
 
