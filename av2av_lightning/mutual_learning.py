@@ -31,13 +31,19 @@ from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.face_rendering import load_face_renderer
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
-from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, symmetric_kl
+from av2av_lightning.models.codebook import (
+    ModalityInvariantCodebook,
+    basis_perplexity,
+    kmeans_basis,
+    symmetric_kl,
+)
 from av2av_lightning.models.face_renderer import UNITS_PER_FRAME, mask_lower_half, soft_unit_windows
 from av2av_lightning.models.recognition_head import RecognitionHead
 from av2av_lightning.optim import stage_optimizer
 from data_prep.vocab import read_words, word_key
 
 TASKS = ("words", "sentences")
+CODEBOOK_INITS = ("kmeans", "random")
 
 
 class CrossModalMutualLearning(L.LightningModule):
@@ -51,6 +57,8 @@ class CrossModalMutualLearning(L.LightningModule):
         freeze_encoder_steps: keep the encoder fixed for this many steps (the heads settle first).
         codebook_size: K basis vectors; 0 is the baseline without a codebook (then ``lambda_ling`` must be 0).
         codebook_temperature: softmax temperature of the basis weights.
+        codebook_init: ``kmeans`` starts a fresh run's basis at cluster means of ``codebook_init_frames`` audio-only
+            and video-only encoder frames of the training data (see `kmeans_basis`); ``random`` draws it.
         lambda_ling, lambda_pred: weights of the basis-weight and prediction alignment terms.
         lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation).
         renderer: a `FaceRendering` checkpoint, frozen; needed when ``lambda_rec`` > 0 (with ``load_face`` data).
@@ -69,6 +77,8 @@ class CrossModalMutualLearning(L.LightningModule):
         freeze_encoder_steps: int = 0,
         codebook_size: int = 0,
         codebook_temperature: float = 0.1,
+        codebook_init: str = "kmeans",
+        codebook_init_frames: int = 20_000,
         lambda_ling: float = 0.0,
         lambda_pred: float = 0.0,
         lambda_rec: float = 0.0,
@@ -83,6 +93,8 @@ class CrossModalMutualLearning(L.LightningModule):
         self.save_hyperparameters()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if codebook_init not in CODEBOOK_INITS:
+            raise ValueError(f"unknown codebook_init {codebook_init!r}; expected one of {', '.join(CODEBOOK_INITS)}")
         if lambda_rec and not renderer:
             raise ValueError(
                 "lambda_rec reconstructs faces through a renderer: set renderer to a FaceRendering checkpoint"
@@ -120,6 +132,42 @@ class CrossModalMutualLearning(L.LightningModule):
         if self.renderer is not None:
             self.renderer.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        """A fresh run (not a resumed one, whose basis comes from its checkpoint) with ``codebook_init: kmeans``
+        starts the basis at cluster means of encoder features; every rank takes rank 0's."""
+        if self.codebook is None or self.hparams.codebook_init != "kmeans" or self.trainer.ckpt_path is not None:
+            return
+        basis = kmeans_basis(self.training_features(), len(self.codebook.basis), seed=torch.initial_seed() % 2**31)
+        with torch.no_grad():
+            self.codebook.basis.copy_(self.trainer.strategy.broadcast(basis, src=0).to(self.device))
+
+    @torch.no_grad()
+    def training_features(self) -> Tensor:
+        """``[N, D]`` encoder features of valid frames, audio-only and video-only, from the first training batches
+        (at least ``codebook_init_frames``), read through a loader the training loop does not track."""
+        loader = getattr(self.trainer.datamodule, "untracked_loader", None)
+        if loader is None:
+            raise ValueError(
+                "codebook_init: kmeans reads training batches through AVDataModule; use codebook_init: random"
+            )
+        chunks, frames = [], 0
+        was_training = self.training
+        self.eval()
+        for batch in loader("train"):
+            batch = batch.to(self.device)
+            valid = ~batch.padding_mask
+            for audio, video in ((True, False), (False, True)):
+                chunks.append(self.features(batch, audio, video)[valid].float())
+            frames += 2 * int(valid.sum())
+            if frames >= self.hparams.codebook_init_frames:
+                break
+        self.train(was_training)
+        if frames < len(self.codebook.basis):
+            raise ValueError(
+                f"codebook_init: kmeans needs at least {len(self.codebook.basis)} frames, the data has {frames}"
+            )
+        return torch.cat(chunks)
 
     # ------------------------------------------------------------------ features
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from av2av_lightning.data.datamodule import AVDataModule
-from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, symmetric_kl
+from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, kmeans_basis, symmetric_kl
 from av2av_lightning.mutual_learning import CrossModalMutualLearning
 from data_prep.vocab import count_words, read_words, top_words, train_sentencepiece
 
@@ -51,6 +52,23 @@ def test_basis_perplexity_counts_the_vectors_in_use():
     assert torch.isclose(basis_perplexity(two, valid), torch.tensor(2.0), atol=1e-4)
 
 
+def test_kmeans_basis_puts_one_vector_at_each_cluster_mean():
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    scales = torch.tensor([1.0, 2.0, 4.0, 8.0])  # cosine clusters ignore the norm; the means keep it
+    labels = torch.arange(4).repeat_interleave(200)
+    features = (directions * scales[:, None])[labels] + 0.05 * torch.randn(800, 32)
+    basis = kmeans_basis(features, 4)
+    means = torch.stack([features[labels == c].mean(0) for c in range(4)])
+    nearest = torch.cdist(means, basis).min(1).values
+    assert nearest.max() < 1e-4, nearest
+    codebook = ModalityInvariantCodebook(32, 4)
+    with torch.no_grad():
+        codebook.basis.copy_(basis)
+    chosen = codebook.log_weights(features).argmax(-1)  # every cluster picks its own vector
+    assert torch.equal(torch.bincount(chosen, minlength=4), torch.full((4,), 200))
+
+
 def test_symmetric_kl_is_symmetric_zero_on_equal_and_masked():
     p, q = torch.randn(3, 4, 6).log_softmax(-1), torch.randn(3, 4, 6).log_softmax(-1)
     assert torch.allclose(symmetric_kl(p, q), symmetric_kl(q, p))
@@ -61,12 +79,43 @@ def test_symmetric_kl_is_symmetric_zero_on_equal_and_masked():
 
 
 def test_bad_settings_are_one_line_errors(word_list):
+    with pytest.raises(ValueError, match="unknown codebook_init 'pca'"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_size=8, codebook_init="pca")
     with pytest.raises(ValueError, match="codebook_size > 0"):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_ling=1.0)
     with pytest.raises(ValueError, match="needs a word list"):
         CrossModalMutualLearning(encoder=SMALL)
     with pytest.raises(ValueError, match="unknown task"):
         CrossModalMutualLearning(task="phones")
+
+
+def test_kmeans_codebook_starts_at_the_training_features_and_a_resumed_run_keeps_its_basis(
+    tiny_corpus, word_list, cpu_trainer, tmp_path
+):
+    train = shards(tiny_corpus, "words", "train")
+
+    def fit(steps: int, ckpt_path: str | None = None) -> tuple[CrossModalMutualLearning, object]:
+        torch.manual_seed(0)
+        module = CrossModalMutualLearning(
+            words=str(word_list), encoder=SMALL, codebook_size=8, codebook_init_frames=1000
+        )
+        data = AVDataModule(train_shards=train, max_frames=29 * 8, num_workers=0, seed=0)
+        trainer = cpu_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    started, trainer = fit(0)  # no step yet: the basis is what the initialisation made of these features
+    features = started.training_features()
+    cosine = F.normalize(features, dim=-1) @ F.normalize(started.codebook.basis, dim=-1).T
+    assert cosine.max(1).values.mean() > 0.8  # every frame lies near a basis vector (a random basis: near 0)
+    assert len(cosine.argmax(1).unique()) == 8  # and each vector is some frames' nearest
+    assert torch.allclose(started.codebook.basis, kmeans_basis(features, 8, seed=0))
+
+    with torch.no_grad():
+        started.codebook.basis.neg_()  # a basis no clustering would give
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed, _ = fit(0, ckpt_path=str(tmp_path / "one.ckpt"))
+    assert torch.equal(resumed.codebook.basis, started.codebook.basis)  # restored, not clustered again
 
 
 def test_word_list_is_per_language_and_read_back(word_list, tmp_path):

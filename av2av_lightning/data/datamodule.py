@@ -348,6 +348,11 @@ class AVDataModule(ResumableTrainLoader, L.LightningDataModule):
     def train_dataloader(self) -> AVDataLoader:
         return self._resumable(self._loader("train"))
 
+    def untracked_loader(self, split: str) -> AVDataLoader:
+        """A loader over ``split`` whose position no checkpoint keeps: a look at the data outside the training loop
+        (e.g. a data-dependent initialisation) that leaves a resumed run's place in its epoch alone."""
+        return self._loader(split)
+
     def val_dataloader(self) -> AVDataLoader | list:
         if self.shards["val"] is None:
             return []
