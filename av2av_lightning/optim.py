@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -29,15 +31,24 @@ def adam_with_schedule(
     weight_decay: float = 0.01,
     power: float = 1.0,
     end_factor: float = 0.0,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> dict:
     """Adam with decoupled weight decay (no decay on biases and norms) and a per-step warm-up/decay schedule,
-    in the form ``LightningModule.configure_optimizers`` returns."""
-    decay, no_decay = [], []
+    in the form ``LightningModule.configure_optimizers`` returns. ``lr_scales`` maps a parameter-name prefix
+    (``"encoder."``) to a factor on its learning rate, e.g. a pretrained encoder fine-tuned more gently than
+    fresh heads."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, parameter in module.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or name.endswith(".bias") else decay).append(parameter)
+            scale = next((f for prefix, f in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            decays = parameter.ndim >= 2 and not name.endswith(".bias")
+            groups.setdefault((scale, decays), []).append(parameter)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": params, "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0}
+            # decaying groups first: without scales, the [decay, no decay] order of older checkpoints' optimiser state
+            for (scale, decays), params in sorted(groups.items(), key=lambda group: not group[0][1])
+        ],
         lr=lr,
         betas=betas,
         eps=eps,

@@ -118,6 +118,18 @@ def test_kmeans_codebook_starts_at_the_training_features_and_a_resumed_run_keeps
     assert torch.equal(resumed.codebook.basis, started.codebook.basis)  # restored, not clustered again
 
 
+def test_the_pretrained_encoder_learns_at_its_share_of_the_rate(word_list):
+    module = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, codebook_size=8, encoder_lr_scale=0.1, lr=1e-3, total_steps=10
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    encoder = [rate[id(p)] for p in module.encoder.parameters() if p.requires_grad]
+    rest = [rate[id(p)] for n, p in module.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    assert len(set(rest)) == 1  # the heads and the codebook at the (warming-up) rate, the encoder at a tenth
+    assert encoder == pytest.approx([0.1 * rest[0]] * len(encoder))
+
+
 def test_word_list_is_per_language_and_read_back(word_list, tmp_path):
     words = read_words(word_list)
     assert words == sorted(words) and {w.split("/")[0] for w in words} == {"en", "es", "fr"}
