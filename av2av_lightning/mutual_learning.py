@@ -63,6 +63,7 @@ class CrossModalMutualLearning(L.LightningModule):
         codebook_init: ``kmeans`` starts a fresh run's basis at cluster means of ``codebook_init_frames`` audio-only
             and video-only encoder frames of the training data (see `kmeans_basis`); ``random`` draws it.
         lambda_ling, lambda_pred: weights of the basis-weight and prediction alignment terms.
+        peer_targets: align each modality to the other's current distributions held fixed (`symmetric_kl`).
         lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation).
         renderer: a `FaceRendering` checkpoint, frozen; needed when ``lambda_rec`` > 0 (with ``load_face`` data).
         rec_frames: frames per clip redrawn for ``L_rec`` each step.
@@ -85,6 +86,7 @@ class CrossModalMutualLearning(L.LightningModule):
         codebook_init_frames: int = 20_000,
         lambda_ling: float = 0.0,
         lambda_pred: float = 0.0,
+        peer_targets: bool = False,
         lambda_rec: float = 0.0,
         renderer: str | None = None,
         rec_frames: int = 4,
@@ -247,9 +249,9 @@ class CrossModalMutualLearning(L.LightningModule):
             "cls_video": self.classification_loss(log_probs_v, batch),
         }
         prediction_valid = None if self.hparams.task == "words" else valid
-        parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid)
+        parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid, self.hparams.peer_targets)
         if self.codebook is not None:
-            parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid)
+            parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid, self.hparams.peer_targets)
             with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
                 parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a, log_weights_v]), valid.repeat(2, 1))
         loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]

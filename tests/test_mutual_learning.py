@@ -52,6 +52,16 @@ def test_basis_perplexity_counts_the_vectors_in_use():
     assert torch.isclose(basis_perplexity(two, valid), torch.tensor(2.0), atol=1e-4)
 
 
+def test_peer_targets_keep_the_value_and_pull_each_side_towards_the_other_only():
+    p = torch.randn(3, 6).log_softmax(-1).requires_grad_()
+    q = torch.randn(3, 6).log_softmax(-1).requires_grad_()
+    loss = symmetric_kl(p, q, peer_targets=True)
+    assert torch.allclose(loss, symmetric_kl(p, q))
+    loss.backward()
+    # only KL(q_fixed || p) reaches p: its gradient is -q / positions, as if q were a label distribution
+    assert torch.allclose(p.grad, -q.detach().exp() / 3) and torch.allclose(q.grad, -p.detach().exp() / 3)
+
+
 def test_kmeans_basis_puts_one_vector_at_each_cluster_mean():
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)

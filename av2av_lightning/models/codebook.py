@@ -51,10 +51,18 @@ def kmeans_basis(features: Tensor, num_basis: int, seed: int = 0) -> Tensor:
     return sums / counts.clamp_min(1)
 
 
-def symmetric_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None = None) -> Tensor:
+def symmetric_kl(log_p: Tensor, log_q: Tensor, valid: Tensor | None = None, peer_targets: bool = False) -> Tensor:
     """``KL(p || q) + KL(q || p)`` of distributions given as log probabilities over the last dim, averaged over
-    the positions where ``valid`` is True (all when None)."""
-    per_position = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)  # the two KLs share this form
+    the positions where ``valid`` is True (all when None).
+
+    ``peer_targets`` takes each KL with its first distribution as a fixed target (deep mutual learning): the
+    same value, but the gradient moves p towards q's current value and q towards p's, instead of moving both
+    towards wherever they agree most cheaply, such as one shared basis vector."""
+    if peer_targets:
+        p, q = log_p.detach(), log_q.detach()
+        per_position = (p.exp() * (p - log_q) + q.exp() * (q - log_p)).sum(-1)
+    else:
+        per_position = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)  # the two KLs share this form
     if valid is None:
         return per_position.mean()
     return per_position[valid].mean() if valid.any() else per_position.new_zeros(())
