@@ -64,7 +64,7 @@ def test_peer_targets_keep_the_value_and_pull_each_side_towards_the_other_only()
 
 def test_kmeans_basis_puts_one_vector_at_each_cluster_mean():
     torch.manual_seed(0)
-    directions = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    directions = F.normalize(torch.randn(4, 32), dim=-1)
     scales = torch.tensor([1.0, 2.0, 4.0, 8.0])  # cosine clusters ignore the norm; the means keep it
     labels = torch.arange(4).repeat_interleave(200)
     features = (directions * scales[:, None])[labels] + 0.05 * torch.randn(800, 32)
