@@ -64,6 +64,12 @@ class CrossModalMutualLearning(L.LightningModule):
             and video-only encoder frames of the training data (see `kmeans_basis`); ``random`` draws it.
         lambda_ling, lambda_pred: weights of the basis-weight and prediction alignment terms.
         peer_targets: align each modality to the other's current distributions held fixed (`symmetric_kl`).
+        align_warmup_steps: the alignment weights grow linearly from 0 to ``lambda_*`` over these first steps, so
+            the classifiers have learned something before the modalities are asked to agree (agreeing on one
+            constant prediction is otherwise the cheapest answer).
+        lambda_diversity: weight of the codebook diversity term ``1 - perplexity / K`` of each modality's basis
+            weights over the batch (as wav2vec 2.0's): alignment alone is cheapest when both modalities put every
+            frame on the same few vectors (demo corpus: 20 of 64), this term keeps the whole basis in use.
         lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation).
         renderer: a `FaceRendering` checkpoint, frozen; needed when ``lambda_rec`` > 0 (with ``load_face`` data).
         rec_frames: frames per clip redrawn for ``L_rec`` each step.
@@ -87,6 +93,8 @@ class CrossModalMutualLearning(L.LightningModule):
         lambda_ling: float = 0.0,
         lambda_pred: float = 0.0,
         peer_targets: bool = False,
+        align_warmup_steps: int = 0,
+        lambda_diversity: float = 0.0,
         lambda_rec: float = 0.0,
         renderer: str | None = None,
         rec_frames: int = 4,
@@ -105,8 +113,8 @@ class CrossModalMutualLearning(L.LightningModule):
             raise ValueError(
                 "lambda_rec reconstructs faces through a renderer: set renderer to a FaceRendering checkpoint"
             )
-        if lambda_ling and not codebook_size:
-            raise ValueError("lambda_ling aligns codebook weights: set codebook_size > 0")
+        if (lambda_ling or lambda_diversity) and not codebook_size:
+            raise ValueError("lambda_ling and lambda_diversity act on codebook weights: set codebook_size > 0")
         self.encoder = _encoder(pretrained, preset, encoder)
         dim = self.encoder.config.embed_dim
         self.codebook = ModalityInvariantCodebook(dim, codebook_size, codebook_temperature) if codebook_size else None
@@ -250,17 +258,28 @@ class CrossModalMutualLearning(L.LightningModule):
         }
         prediction_valid = None if self.hparams.task == "words" else valid
         parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid, self.hparams.peer_targets)
+        align = self.alignment_share()
+        loss = parts["cls_audio"] + parts["cls_video"] + align * self.hparams.lambda_pred * parts["pred_align"]
         if self.codebook is not None:
             parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid, self.hparams.peer_targets)
+            used = [basis_perplexity(log_weights, valid) for log_weights in (log_weights_a, log_weights_v)]
+            parts["diversity"] = 1 - (used[0] + used[1]) / (2 * len(self.codebook.basis))
             with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
                 parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a, log_weights_v]), valid.repeat(2, 1))
-        loss = parts["cls_audio"] + parts["cls_video"] + self.hparams.lambda_pred * parts["pred_align"]
-        if self.codebook is not None:
-            loss = loss + self.hparams.lambda_ling * parts["ling_align"]
+            loss = loss + align * self.hparams.lambda_ling * parts["ling_align"]
+            loss = loss + self.hparams.lambda_diversity * parts["diversity"]
         if self.renderer is not None:
             parts["rec"] = (self.reconstruction_loss(rebuilt_a, batch) + self.reconstruction_loss(rebuilt_v, batch)) / 2
             loss = loss + self.hparams.lambda_rec * parts["rec"]
         return loss, parts
+
+    def alignment_share(self) -> float:
+        """The share of ``lambda_ling`` / ``lambda_pred`` in force: 1 after ``align_warmup_steps`` (and when
+        not training), rising linearly from 0 before."""
+        warmup = self.hparams.align_warmup_steps
+        if not self.training or not warmup:
+            return 1.0
+        return min(1.0, self.global_step / warmup)
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -8,7 +8,8 @@ Each run is ``av2av fit --config BASE --config DELTA --seed_everything S`` with 
 under ``OUT/DELTA/seedS``; the last logged value of each metric is its result. A run that
 fails (a row that is refused, such as the + L_rec row before the renderer exists) is shown
 as ``n/a`` with its one-line reason, never dropped. The table is printed and written as
-``OUT/table.md`` and ``OUT/table.csv``; finished runs are not repeated.
+``OUT/table.md`` and ``OUT/table.csv``; finished runs are not repeated. ``--jobs N`` trains N
+runs at a time (give each ``OMP_NUM_THREADS`` = cores / N on a CPU machine).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,23 +84,35 @@ def summarise(rows: list[RowResult], metrics: list[str]) -> list[dict[str, str]]
     return table
 
 
-def run_ablation(base: Path, deltas: list[Path], seeds: list[int], metrics: list[str], out: Path, extra: list[str]):
+def fit_once(base: Path, delta: Path, seed: int, out: Path, extra: list[str]) -> str | None:
+    """Train one (delta, seed) run unless its log exists; the one-line reason when it fails, else None."""
+    run_dir = out / delta.stem / f"seed{seed}"
+    if not (run_dir / "metrics.csv").exists():
+        result = subprocess.run(fit_command(base, delta, seed, run_dir, extra), capture_output=True, text=True)
+        if result.returncode != 0:
+            reason = failure_reason(result.stderr) or f"exit {result.returncode}"
+            print(f"{delta.stem} seed {seed}: failed ({reason})", file=sys.stderr)
+            return reason
+    print(f"{delta.stem} seed {seed}: done", file=sys.stderr)
+    return None
+
+
+def run_ablation(
+    base: Path, deltas: list[Path], seeds: list[int], metrics: list[str], out: Path, extra: list[str], jobs: int = 1
+) -> list[dict[str, str]]:
+    """Every (delta, seed) run, ``jobs`` at a time, then the table cells."""
+    runs = [(delta, seed) for delta in deltas for seed in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failures = dict(zip(runs, pool.map(lambda run: fit_once(base, *run, out, extra), runs)))
     rows = []
     for delta in deltas:
         row = RowResult(delta.stem)
         for seed in seeds:
-            run_dir = out / delta.stem / f"seed{seed}"
-            log = run_dir / "metrics.csv"
-            if not log.exists():
-                result = subprocess.run(fit_command(base, delta, seed, run_dir, extra), capture_output=True, text=True)
-                if result.returncode != 0:
-                    reason = failure_reason(result.stderr) or f"exit {result.returncode}"
-                    row.failures.append(reason)
-                    print(f"{delta.stem} seed {seed}: failed ({reason})", file=sys.stderr)
-                    continue
-            for name, value in last_values(log, metrics).items():
+            if failures[delta, seed] is not None:
+                row.failures.append(failures[delta, seed])
+                continue
+            for name, value in last_values(out / delta.stem / f"seed{seed}" / "metrics.csv", metrics).items():
                 row.values.setdefault(name, []).append(value)
-            print(f"{delta.stem} seed {seed}: done", file=sys.stderr)
         rows.append(row)
     return summarise(rows, metrics)
 
@@ -110,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--metrics", nargs="+", required=True, help="logged metrics to tabulate")
     parser.add_argument("--out", required=True, type=Path, help="run folders and the table")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     args, extra = parser.parse_known_args(argv)
     deltas = sorted(args.deltas.glob("*.yaml"))
     if not deltas:
         print(f"ablation: error: {args.deltas} holds no .yaml deltas", file=sys.stderr)
         return 2
-    table = run_ablation(args.config, deltas, args.seeds, args.metrics, args.out, extra)
+    table = run_ablation(args.config, deltas, args.seeds, args.metrics, args.out, extra, args.jobs)
     print(write_table(table, args.out))
     return 0
 

@@ -30,7 +30,7 @@ def test_runs_every_delta_and_seed_and_tabulates(tiny_corpus, tmp_path, capsys):
     deltas.mkdir()
     for row in ("baseline", "full_rec"):
         shutil.copy(ROOT / f"experiments/ablations/mutual_learning/{row}.yaml", deltas)
-    args = ["--config", str(base), "--deltas", str(deltas), "--seeds", "0", "1"]
+    args = ["--config", str(base), "--deltas", str(deltas), "--seeds", "0", "1", "--jobs", "2"]
     assert main([*args, "--metrics", "val/acc_audio", "--out", str(tmp_path / "runs")]) == 0
     table = (tmp_path / "runs" / "table.md").read_text()
     # the + L_rec row without its renderer checkpoint: shown as n/a with the missing file, never dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,6 +94,8 @@ def test_bad_settings_are_one_line_errors(word_list):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_size=8, codebook_init="pca")
     with pytest.raises(ValueError, match="codebook_size > 0"):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_ling=1.0)
+    with pytest.raises(ValueError, match="codebook_size > 0"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_diversity=1.0)
     with pytest.raises(ValueError, match="needs a word list"):
         CrossModalMutualLearning(encoder=SMALL)
     with pytest.raises(ValueError, match="unknown task"):
@@ -126,6 +129,60 @@ def test_kmeans_codebook_starts_at_the_training_features_and_a_resumed_run_keeps
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     resumed, _ = fit(0, ckpt_path=str(tmp_path / "one.ckpt"))
     assert torch.equal(resumed.codebook.basis, started.codebook.basis)  # restored, not clustered again
+
+
+@pytest.fixture(scope="module")
+def word_batch(tiny_corpus, word_list):
+    data = AVDataModule(val_shards=shards(tiny_corpus, "words", "train"), max_frames=29 * 4, num_workers=0,
+                        words=str(word_list))  # fmt: skip
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))
+
+
+def test_alignment_weights_warm_up_from_zero(word_list, word_batch):
+    torch.manual_seed(0)
+    module = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, codebook_size=8, lambda_ling=0.5, lambda_pred=2.0, align_warmup_steps=40
+    )
+
+    def loss_at(step: int, training: bool = True) -> tuple[float, float]:
+        module._trainer = SimpleNamespace(global_step=step)  # the only thing the warm-up reads
+        module.train(training)
+        with torch.no_grad():
+            loss, parts = module.mutual_learning_loss(word_batch)
+        classification = float(parts["cls_audio"] + parts["cls_video"])
+        alignment = float(0.5 * parts["ling_align"] + 2.0 * parts["pred_align"])
+        assert alignment > 0
+        return float(loss) - classification, alignment
+
+    for step, share in ((0, 0.0), (10, 0.25), (40, 1.0), (400, 1.0)):
+        added, alignment = loss_at(step)
+        assert added == pytest.approx(share * alignment, rel=1e-4, abs=1e-6), step
+    added, alignment = loss_at(0, training=False)  # validation scores the full objective
+    assert added == pytest.approx(alignment, rel=1e-4)
+
+
+def test_diversity_term_spreads_a_collapsed_codebook(word_list, word_batch):
+    """Every frame starts on one basis vector; descending the diversity term alone brings the others into use."""
+    torch.manual_seed(0)
+    module = CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_size=8, lambda_diversity=1.0)
+    module.train()
+    with torch.no_grad():  # vector 0 along the features' mean, the rest opposite: every frame picks vector 0
+        mean = torch.cat([module.features(word_batch, *inputs) for inputs in ((True, False), (False, True))]).mean(
+            (0, 1)
+        )
+        module.codebook.basis.copy_(torch.cat([mean[None], -mean + 0.1 * torch.randn(7, 64)]))
+    optimizer = torch.optim.Adam(module.codebook.parameters(), lr=0.05)
+    history = []
+    for _ in range(30):
+        _, parts = module.mutual_learning_loss(word_batch)
+        optimizer.zero_grad()
+        parts["diversity"].backward()
+        optimizer.step()
+        history.append((parts["diversity"].item(), parts["basis_used"].item()))
+    (first_diversity, first_used), (last_diversity, last_used) = history[0], history[-1]
+    assert first_used < 2.5 and last_used > 2 * first_used, history
+    assert last_diversity < first_diversity and 0 <= last_diversity < 1
 
 
 def test_the_pretrained_encoder_learns_at_its_share_of_the_rate(word_list):
