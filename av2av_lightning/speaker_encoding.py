@@ -4,6 +4,9 @@ GE2E needs batches of N speakers x M utterances, but the shared datamodule yield
 whatever utterances come along. `SpeakerEncoderTraining` therefore keeps a small bank of recent Mel
 spectrograms per speaker (inputs, not embeddings: every step re-encodes them with the current weights) and
 draws each GE2E batch from it; a step is skipped until at least two speakers have M utterances banked.
+With ``speed_perturb`` every utterance is also banked sped up or slowed down (pitch, formants and rate
+together) under a new pseudo-speaker: ten corpus voices are too few for the embedding to place voices it has never
+heard, and each factor adds as many voices again (speaker augmentation, Yamamoto et al. 2019).
 The bank and its sampler's state are saved in checkpoints, so a resumed run draws what the interrupted one would
 have (under DDP the checkpoint holds rank 0's bank, which every rank then resumes from).
 
@@ -33,6 +36,8 @@ from torch import Tensor, nn
 
 from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
+from av2av_lightning.data.codecs import resample
+from av2av_lightning.data.schema import SAMPLE_RATE
 from av2av_lightning.models.speaker_encoder import SpeakerEncoder, SpeakerEncoderConfig, speaker_mels
 from av2av_lightning.optim import stage_optimizer
 
@@ -103,6 +108,8 @@ class SpeakerEncoderTraining(L.LightningModule):
             banked utterance of the batch when that is shorter).
         init_w, init_b: initial scale and offset of the similarity (the paper's 10 and -5).
         lr, warmup_steps, total_steps, weight_decay: AdamW with warm-up and polynomial decay (`optim.py`).
+        speed_perturb: speed factors (e.g. ``[0.9, 1.1]``); each banks a resampled copy of every utterance as a
+            pseudo-speaker of its own.
         seed: the bank's sampling seed.
     """
 
@@ -120,6 +127,7 @@ class SpeakerEncoderTraining(L.LightningModule):
         warmup_steps: int = 100,
         total_steps: int | None = None,
         weight_decay: float = 0.0,
+        speed_perturb: tuple[float, ...] = (),
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -127,6 +135,8 @@ class SpeakerEncoderTraining(L.LightningModule):
             raise ValueError(
                 f"GE2E needs >= 2 speakers x >= 2 utterances, got {speakers_per_batch} x {utterances_per_speaker}"
             )
+        if any(not 0.5 <= factor <= 2.0 or factor == 1.0 for factor in speed_perturb):
+            raise ValueError(f"speed_perturb factors must lie in [0.5, 2] and differ from 1, got {list(speed_perturb)}")
         if bank_size < utterances_per_speaker:
             raise ValueError(f"bank_size {bank_size} is smaller than utterances_per_speaker {utterances_per_speaker}")
         self.save_hyperparameters()
@@ -154,11 +164,18 @@ class SpeakerEncoderTraining(L.LightningModule):
             self.rng.setstate((version, tuple(state), gauss))
 
     def remember(self, batch: AVBatch) -> None:
-        """Add the batch's utterances (their Mels, on the CPU) to the per-speaker bank."""
+        """Add the batch's utterances (their Mels, on the CPU) to the per-speaker bank, with their speed-perturbed
+        copies under pseudo-speakers ``spk03@1.1``."""
         with torch.no_grad():
             for wave, length, meta in zip(batch.wave, batch.wave_lengths, batch.meta):
-                bank = self.bank.setdefault(meta.speaker, deque(maxlen=self.hparams.bank_size))
-                bank.append(speaker_mels(wave[: int(length)]).cpu())
+                wave = wave[: int(length)].cpu()
+                self._bank(meta.speaker).append(speaker_mels(wave))
+                for factor in self.hparams.speed_perturb:
+                    faster = resample(wave.numpy(), round(SAMPLE_RATE * factor), SAMPLE_RATE)
+                    self._bank(f"{meta.speaker}@{factor:g}").append(speaker_mels(torch.from_numpy(faster)))
+
+    def _bank(self, speaker: str) -> deque[Tensor]:
+        return self.bank.setdefault(speaker, deque(maxlen=self.hparams.bank_size))
 
     def ge2e_batch(self) -> Tensor | None:
         """Mels ``[N, M, F, n_mels]`` drawn from the bank, or None while fewer than two speakers qualify."""

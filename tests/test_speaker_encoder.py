@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -90,6 +91,23 @@ def test_unknown_preset_and_bad_input_are_one_line_errors():
         SpeakerEncoderConfig.preset("huge")
     with pytest.raises(ValueError, match=r"expected Mels \[N, F, 40\]"):
         SpeakerEncoder(SpeakerEncoderConfig.preset("tiny"))(torch.zeros(2, 10, 26))
+
+
+def test_speed_perturbed_copies_are_banked_as_pseudo_speakers():
+    """A 500 Hz tone banked at 1.25x speed: a pseudo-speaker whose copy is a fifth shorter and sits higher in the Mels."""
+    module = SpeakerEncoderTraining(speed_perturb=(1.25,))
+    tone = torch.sin(2 * math.pi * 500 * torch.arange(16000) / 16000)
+    wave = torch.cat([tone, torch.zeros(4000)])[None]  # padded: only the first 16000 samples are the utterance
+    batch = SimpleNamespace(wave=wave, wave_lengths=torch.tensor([16000]), meta=[SimpleNamespace(speaker="spk03")])
+    module.remember(batch)
+    assert sorted(module.bank) == ["spk03", "spk03@1.25"]
+    (original,), (faster,) = module.bank["spk03"], module.bank["spk03@1.25"]
+    assert len(faster) == pytest.approx(len(original) / 1.25, abs=2)
+    assert faster.mean(0).argmax() > original.mean(0).argmax()  # the tone moved up to 625 Hz
+    with pytest.raises(
+        ValueError, match=r"speed_perturb factors must lie in \[0.5, 2\] and differ from 1, got \[1.0\]"
+    ):
+        SpeakerEncoderTraining(speed_perturb=(1.0,))
 
 
 def test_published_size():
