@@ -168,11 +168,12 @@ class SpeakerEncoderTraining(L.LightningModule):
         copies under pseudo-speakers ``spk03@1.1``."""
         with torch.no_grad():
             for wave, length, meta in zip(batch.wave, batch.wave_lengths, batch.meta):
-                wave = wave[: int(length)].cpu()
-                self._bank(meta.speaker).append(speaker_mels(wave))
+                wave = wave[: int(length)]
+                self._bank(meta.speaker).append(speaker_mels(wave).cpu())
                 for factor in self.hparams.speed_perturb:
-                    faster = resample(wave.numpy(), round(SAMPLE_RATE * factor), SAMPLE_RATE)
-                    self._bank(f"{meta.speaker}@{factor:g}").append(speaker_mels(torch.from_numpy(faster)))
+                    faster = resample(wave.float().cpu().numpy(), round(SAMPLE_RATE * factor), SAMPLE_RATE)
+                    mels = speaker_mels(torch.from_numpy(faster).to(wave.device))
+                    self._bank(f"{meta.speaker}@{factor:g}").append(mels.cpu())
 
     def _bank(self, speaker: str) -> deque[Tensor]:
         return self.bank.setdefault(speaker, deque(maxlen=self.hparams.bank_size))
