@@ -34,6 +34,7 @@ from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.models.codebook import (
     ModalityInvariantCodebook,
     basis_perplexity,
+    frame_entropy,
     kmeans_basis,
     symmetric_kl,
 )
@@ -70,6 +71,10 @@ class CrossModalMutualLearning(L.LightningModule):
         lambda_diversity: weight of the codebook diversity term ``1 - perplexity / K`` of each modality's basis
             weights over the batch (as wav2vec 2.0's): alignment alone is cheapest when both modalities put every
             frame on the same few vectors (demo corpus: 20 of 64), this term keeps the whole basis in use.
+        lambda_confidence: weight of the mean per-frame entropy of the basis weights over ``log K``. The diversity
+            term alone is also met by every frame spreading its weight over the whole basis (demo corpus: 52 of
+            64 vectors per frame); with both, each frame picks a few vectors and the batch uses them all (together
+            they maximise the mutual information between frames and basis vectors).
         lambda_rec: weight of the reconstruction term through the renderer (the "+ L_rec" row of the ablation).
         renderer: a `FaceRendering` checkpoint, frozen; needed when ``lambda_rec`` > 0 (with ``load_face`` data).
         rec_frames: frames per clip redrawn for ``L_rec`` each step.
@@ -95,6 +100,7 @@ class CrossModalMutualLearning(L.LightningModule):
         peer_targets: bool = False,
         align_warmup_steps: int = 0,
         lambda_diversity: float = 0.0,
+        lambda_confidence: float = 0.0,
         lambda_rec: float = 0.0,
         renderer: str | None = None,
         rec_frames: int = 4,
@@ -113,8 +119,10 @@ class CrossModalMutualLearning(L.LightningModule):
             raise ValueError(
                 "lambda_rec reconstructs faces through a renderer: set renderer to a FaceRendering checkpoint"
             )
-        if (lambda_ling or lambda_diversity) and not codebook_size:
-            raise ValueError("lambda_ling and lambda_diversity act on codebook weights: set codebook_size > 0")
+        if (lambda_ling or lambda_diversity or lambda_confidence) and not codebook_size:
+            raise ValueError(
+                "lambda_ling, lambda_diversity and lambda_confidence act on codebook weights: set codebook_size > 0"
+            )
         self.encoder = _encoder(pretrained, preset, encoder)
         dim = self.encoder.config.embed_dim
         self.codebook = ModalityInvariantCodebook(dim, codebook_size, codebook_temperature) if codebook_size else None
@@ -264,10 +272,12 @@ class CrossModalMutualLearning(L.LightningModule):
             parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid, self.hparams.peer_targets)
             used = [basis_perplexity(log_weights, valid) for log_weights in (log_weights_a, log_weights_v)]
             parts["diversity"] = 1 - (used[0] + used[1]) / (2 * len(self.codebook.basis))
+            parts["frame_entropy"] = (frame_entropy(log_weights_a, valid) + frame_entropy(log_weights_v, valid)) / 2
             with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
                 parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a, log_weights_v]), valid.repeat(2, 1))
             loss = loss + align * self.hparams.lambda_ling * parts["ling_align"]
             loss = loss + self.hparams.lambda_diversity * parts["diversity"]
+            loss = loss + self.hparams.lambda_confidence * parts["frame_entropy"]
         if self.renderer is not None:
             parts["rec"] = (self.reconstruction_loss(rebuilt_a, batch) + self.reconstruction_loss(rebuilt_v, batch)) / 2
             loss = loss + self.hparams.lambda_rec * parts["rec"]

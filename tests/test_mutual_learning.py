@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from av2av_lightning.data.datamodule import AVDataModule
-from av2av_lightning.models.codebook import ModalityInvariantCodebook, basis_perplexity, kmeans_basis, symmetric_kl
+from av2av_lightning.models.codebook import (
+    ModalityInvariantCodebook,
+    basis_perplexity,
+    frame_entropy,
+    kmeans_basis,
+    symmetric_kl,
+)
 from av2av_lightning.mutual_learning import CrossModalMutualLearning
 from data_prep.vocab import count_words, read_words, top_words, train_sentencepiece
 
@@ -51,6 +57,16 @@ def test_basis_perplexity_counts_the_vectors_in_use():
     two = torch.nn.functional.one_hot(torch.tensor([[0, 1, 7, 7]]), 8).float().clamp_min(1e-9).log()
     valid = torch.tensor([[True, True, False, False]])  # the padded frames would add a third vector
     assert torch.isclose(basis_perplexity(two, valid), torch.tensor(2.0), atol=1e-4)
+
+
+def test_frame_entropy_tells_spread_frames_from_decided_ones():
+    uniform = torch.full((3, 5, 8), 1 / 8).log()
+    one_each = F.one_hot(torch.arange(15).view(3, 5) % 8, 8).float().clamp_min(1e-9).log()
+    assert torch.isclose(frame_entropy(uniform), torch.tensor(1.0))  # the basis fully used either way...
+    assert frame_entropy(one_each) < 1e-6  # ...but only here does each frame choose
+    mixed = torch.cat([uniform[:, :2], one_each[:, 2:]], 1)
+    valid = torch.tensor([[False, False, True, True, True]] * 3)
+    assert frame_entropy(mixed, valid) < 1e-6 and torch.isclose(frame_entropy(mixed), torch.tensor(0.4))
 
 
 def test_peer_targets_keep_the_value_and_pull_each_side_towards_the_other_only():
@@ -183,6 +199,31 @@ def test_diversity_term_spreads_a_collapsed_codebook(word_list, word_batch):
     (first_diversity, first_used), (last_diversity, last_used) = history[0], history[-1]
     assert first_used < 2.5 and last_used > 2 * first_used, history
     assert last_diversity < first_diversity and 0 <= last_diversity < 1
+
+
+def test_confidence_term_makes_each_frame_choose_its_vectors(word_list, word_batch):
+    """Training on the whole loss: with ``lambda_confidence`` each frame's weights end sharper than
+    without it (the diversity term alone is met by spreading every frame over the whole basis)."""
+
+    def trained_frame_entropy(lambda_confidence: float) -> tuple[float, float]:
+        torch.manual_seed(0)
+        module = CrossModalMutualLearning(
+            words=str(word_list), encoder=SMALL, codebook_size=8, lambda_diversity=1.0,
+            lambda_confidence=lambda_confidence,
+        )  # fmt: skip
+        module.train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=0.01)
+        for _ in range(30):
+            loss, parts = module.mutual_learning_loss(word_batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return parts["frame_entropy"].item(), parts["basis_used"].item()
+
+    spread, _ = trained_frame_entropy(0.0)
+    sharp, used = trained_frame_entropy(1.0)
+    assert sharp < spread - 0.1, (sharp, spread)
+    assert used > 4  # still more than half of the 8 vectors in use over the batch
 
 
 def test_the_pretrained_encoder_learns_at_its_share_of_the_rate(word_list):

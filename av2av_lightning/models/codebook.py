@@ -13,6 +13,8 @@ are instead, one vector per cluster (demo corpus: 56 of 64 vectors in use at the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,3 +76,11 @@ def basis_perplexity(log_weights: Tensor, valid: Tensor | None = None) -> Tensor
     weights = log_weights.exp()
     mean = (weights[valid] if valid is not None else weights.reshape(-1, weights.shape[-1])).mean(0)
     return torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
+
+
+def frame_entropy(log_weights: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean entropy of the per-position basis weights over the (valid) positions, as a share of ``log K``: 0 when
+    every position puts all its weight on one vector, 1 when it spreads it evenly over the whole basis."""
+    entropy = -(log_weights.exp() * log_weights).sum(-1)
+    entropy = entropy[valid] if valid is not None else entropy.reshape(-1)
+    return entropy.mean() / math.log(log_weights.shape[-1])
