@@ -329,7 +329,7 @@ def face_renderer(tmp_path_factory) -> Path:
     return save_stage(stage, tmp_path_factory.mktemp("renderer") / "face.ckpt")
 
 
-@pytest.mark.parametrize("delta", ["baseline", "codebook", "full", "full_rec"])
+@pytest.mark.parametrize("delta", ["baseline", "codebook", "full", "full_confident", "full_rec"])
 def test_ablation_configs_build_the_published_rows(delta, word_list, face_renderer):
     """Each ablation delta over the tiny config gives the row's module."""
     import yaml
@@ -348,7 +348,7 @@ def test_ablation_configs_build_the_published_rows(delta, word_list, face_render
     assert delta_config.get("data", {}).get("load_face", False) == (delta == "full_rec")
 
 
-@pytest.mark.parametrize("delta", ["baseline", "codebook", "full"])
+@pytest.mark.parametrize("delta", ["baseline", "codebook", "full", "full_confident"])
 def test_sentence_config_takes_the_same_ablation_rows(delta, tiny_corpus, tmp_path):
     """The CTC recogniser config (also the project's transcriber) builds a sentences module under each row."""
     import yaml
