@@ -84,9 +84,13 @@ def summarise(rows: list[RowResult], metrics: list[str]) -> list[dict[str, str]]
     return table
 
 
+def run_folder(out: Path, delta: Path, seed: int) -> Path:
+    return out / delta.stem / f"seed{seed}"
+
+
 def fit_once(base: Path, delta: Path, seed: int, out: Path, extra: list[str]) -> str | None:
     """Train one (delta, seed) run unless its log exists; the one-line reason when it fails, else None."""
-    run_dir = out / delta.stem / f"seed{seed}"
+    run_dir = run_folder(out, delta, seed)
     if not (run_dir / "metrics.csv").exists():
         result = subprocess.run(fit_command(base, delta, seed, run_dir, extra), capture_output=True, text=True)
         if result.returncode != 0:
@@ -111,7 +115,7 @@ def run_ablation(
             if failures[delta, seed] is not None:
                 row.failures.append(failures[delta, seed])
                 continue
-            for name, value in last_values(out / delta.stem / f"seed{seed}" / "metrics.csv", metrics).items():
+            for name, value in last_values(run_folder(out, delta, seed) / "metrics.csv", metrics).items():
                 row.values.setdefault(name, []).append(value)
         rows.append(row)
     return summarise(rows, metrics)
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="run folders and the table")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     args, extra = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        print(f"ablation: error: --jobs {args.jobs}: expected at least 1 run at a time", file=sys.stderr)
+        return 2
     deltas = sorted(args.deltas.glob("*.yaml"))
     if not deltas:
         print(f"ablation: error: {args.deltas} holds no .yaml deltas", file=sys.stderr)

@@ -23,6 +23,12 @@ def test_summary_cells_and_markdown():
     assert markdown(table).splitlines()[0] == "| row | acc |"
 
 
+def test_bad_jobs_is_a_one_line_error(tmp_path, capsys):
+    args = ["--config", "base.yaml", "--deltas", str(tmp_path), "--metrics", "acc", "--out", str(tmp_path)]
+    assert main([*args, "--jobs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "ablation: error: --jobs 0: expected at least 1 run at a time"
+
+
 @pytest.mark.slow
 def test_runs_every_delta_and_seed_and_tabulates(tiny_corpus, tmp_path, capsys):
     base = tiny_words_base(tiny_corpus, tmp_path)
