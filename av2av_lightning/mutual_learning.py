@@ -44,6 +44,8 @@ from av2av_lightning.optim import stage_optimizer
 from data_prep.vocab import read_words, word_key
 
 TASKS = ("words", "sentences")
+MODALITIES = ("audio", "video")
+INPUTS = {"audio": (True, False), "video": (False, True), "av": (True, True)}
 CODEBOOK_INITS = ("kmeans", "random")
 
 
@@ -53,6 +55,8 @@ class CrossModalMutualLearning(L.LightningModule):
     Args:
         task: ``words`` (needs ``words``, a word list from ``av2av vocab words``) or ``sentences``
             (needs ``spm_model`` from ``av2av vocab spm``).
+        modalities: the inputs trained and scored, ``audio`` and ``video`` (mutual learning); ``[audio]`` alone
+            trains a speech recogniser, the project's own transcriber for ASR-BLEU (no alignment terms then).
         pretrained: an `AVHubertPretraining` checkpoint to start from; None trains the encoder from scratch
             (``preset`` and ``encoder`` overrides, as in pretraining).
         freeze_encoder_steps: keep the encoder fixed for this many steps (the heads settle first).
@@ -86,6 +90,7 @@ class CrossModalMutualLearning(L.LightningModule):
         task: str = "words",
         words: str | None = None,
         spm_model: str | None = None,
+        modalities: tuple[str, ...] = MODALITIES,
         pretrained: str | None = None,
         preset: str = "tiny",
         encoder: dict[str, Any] | None = None,
@@ -111,8 +116,13 @@ class CrossModalMutualLearning(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.modalities = tuple(modalities)
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        if not modalities or set(modalities) - set(MODALITIES) or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be audio and/or video, each once; got {list(modalities)}")
+        if len(modalities) < 2 and (lambda_ling or lambda_pred):
+            raise ValueError("lambda_ling and lambda_pred align the two modalities: set modalities to audio and video")
         if codebook_init not in CODEBOOK_INITS:
             raise ValueError(f"unknown codebook_init {codebook_init!r}; expected one of {', '.join(CODEBOOK_INITS)}")
         if lambda_rec and not renderer:
@@ -132,7 +142,8 @@ class CrossModalMutualLearning(L.LightningModule):
             self.words = read_words(words)
             self.word_ids = {w: i for i, w in enumerate(self.words)}
             self.head = RecognitionHead(dim, len(self.words), pool=True)
-            self.accuracy = nn.ModuleDict({m: WordAccuracy() for m in ("audio", "video")})
+            self.scored = self.modalities
+            self.accuracy = nn.ModuleDict({m: WordAccuracy() for m in self.scored})
         else:
             if not spm_model:
                 raise ValueError("task 'sentences' needs a sentencepiece model (spm_model: from `av2av vocab spm`)")
@@ -141,8 +152,9 @@ class CrossModalMutualLearning(L.LightningModule):
             self.pieces = sentencepiece.SentencePieceProcessor(model_file=spm_model)
             self.blank = self.pieces.get_piece_size()
             self.head = RecognitionHead(dim, self.blank + 1, pool=False)
-            self.wer = nn.ModuleDict({m: WordErrorRate() for m in ("audio", "video", "av")})
-            self.cer = nn.ModuleDict({m: CharErrorRate() for m in ("audio", "video", "av")})
+            self.scored = (*self.modalities, "av") if len(self.modalities) == 2 else self.modalities
+            self.wer = nn.ModuleDict({m: WordErrorRate() for m in self.scored})
+            self.cer = nn.ModuleDict({m: CharErrorRate() for m in self.scored})
         self.renderer = self.unit_head = None
         if lambda_rec:
             self.renderer = load_face_renderer(renderer).eval().requires_grad_(False)
@@ -166,8 +178,8 @@ class CrossModalMutualLearning(L.LightningModule):
 
     @torch.no_grad()
     def training_features(self) -> Tensor:
-        """``[N, D]`` encoder features of valid frames, audio-only and video-only, from the first training batches
-        (at least ``codebook_init_frames``), read through a loader the training loop does not track."""
+        """``[N, D]`` encoder features of valid frames, of each trained modality alone, from the first training
+        batches (at least ``codebook_init_frames``), read through a loader the training loop does not track."""
         loader = getattr(self.trainer.datamodule, "untracked_loader", None)
         if loader is None:
             raise ValueError(
@@ -179,9 +191,9 @@ class CrossModalMutualLearning(L.LightningModule):
         for batch in loader("train"):
             batch = batch.to(self.device)
             valid = ~batch.padding_mask
-            for audio, video in ((True, False), (False, True)):
-                chunks.append(self.features(batch, audio, video)[valid].float())
-            frames += 2 * int(valid.sum())
+            for modality in self.modalities:
+                chunks.append(self.features(batch, *INPUTS[modality])[valid].float())
+            frames += len(self.modalities) * int(valid.sum())
             if frames >= self.hparams.codebook_init_frames:
                 break
         self.train(was_training)
@@ -256,30 +268,34 @@ class CrossModalMutualLearning(L.LightningModule):
 
     def mutual_learning_loss(self, batch: AVBatch) -> tuple[Tensor, dict[str, Tensor]]:
         valid = ~batch.padding_mask
-        rebuilt_a, log_weights_a = self.rebuild(self.features(batch, True, False))
-        rebuilt_v, log_weights_v = self.rebuild(self.features(batch, False, True))
-        log_probs_a = self.head(rebuilt_a, batch.padding_mask)
-        log_probs_v = self.head(rebuilt_v, batch.padding_mask)
-        parts = {
-            "cls_audio": self.classification_loss(log_probs_a, batch),
-            "cls_video": self.classification_loss(log_probs_v, batch),
-        }
-        prediction_valid = None if self.hparams.task == "words" else valid
-        parts["pred_align"] = symmetric_kl(log_probs_a, log_probs_v, prediction_valid, self.hparams.peer_targets)
+        rebuilt, log_weights, log_probs = {}, {}, {}
+        for modality in self.modalities:
+            rebuilt[modality], log_weights[modality] = self.rebuild(self.features(batch, *INPUTS[modality]))
+            log_probs[modality] = self.head(rebuilt[modality], batch.padding_mask)
+        parts = {f"cls_{m}": self.classification_loss(log_probs[m], batch) for m in self.modalities}
+        loss = sum(parts.values())
+        both = len(self.modalities) == 2
         align = self.alignment_share()
-        loss = parts["cls_audio"] + parts["cls_video"] + align * self.hparams.lambda_pred * parts["pred_align"]
+        if both:
+            prediction_valid = None if self.hparams.task == "words" else valid
+            peer = self.hparams.peer_targets
+            parts["pred_align"] = symmetric_kl(log_probs["audio"], log_probs["video"], prediction_valid, peer)
+            loss = loss + align * self.hparams.lambda_pred * parts["pred_align"]
         if self.codebook is not None:
-            parts["ling_align"] = symmetric_kl(log_weights_a, log_weights_v, valid, self.hparams.peer_targets)
-            used = [basis_perplexity(log_weights, valid) for log_weights in (log_weights_a, log_weights_v)]
-            parts["diversity"] = 1 - (used[0] + used[1]) / (2 * len(self.codebook.basis))
-            parts["frame_entropy"] = (frame_entropy(log_weights_a, valid) + frame_entropy(log_weights_v, valid)) / 2
+            weights = list(log_weights.values())
+            used = [basis_perplexity(w, valid) for w in weights]
+            parts["diversity"] = 1 - sum(used) / (len(used) * len(self.codebook.basis))
+            parts["frame_entropy"] = sum(frame_entropy(w, valid) for w in weights) / len(weights)
             with torch.no_grad():  # a diagnostic: falls towards 1 when the codebook collapses
-                parts["basis_used"] = basis_perplexity(torch.cat([log_weights_a, log_weights_v]), valid.repeat(2, 1))
-            loss = loss + align * self.hparams.lambda_ling * parts["ling_align"]
+                parts["basis_used"] = basis_perplexity(torch.cat(weights), valid.repeat(len(weights), 1))
             loss = loss + self.hparams.lambda_diversity * parts["diversity"]
             loss = loss + self.hparams.lambda_confidence * parts["frame_entropy"]
+            if both:
+                parts["ling_align"] = symmetric_kl(log_weights["audio"], log_weights["video"], valid, peer)
+                loss = loss + align * self.hparams.lambda_ling * parts["ling_align"]
         if self.renderer is not None:
-            parts["rec"] = (self.reconstruction_loss(rebuilt_a, batch) + self.reconstruction_loss(rebuilt_v, batch)) / 2
+            rec = [self.reconstruction_loss(rebuilt[m], batch) for m in self.modalities]
+            parts["rec"] = sum(rec) / len(rec)
             loss = loss + self.hparams.lambda_rec * parts["rec"]
         return loss, parts
 
@@ -303,11 +319,8 @@ class CrossModalMutualLearning(L.LightningModule):
         loss, parts = self.mutual_learning_loss(batch)
         self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in parts.items()}, batch_size=len(batch), sync_dist=True)
-        inputs = {"audio": (True, False), "video": (False, True)}
-        if self.hparams.task == "sentences":
-            inputs["av"] = (True, True)
-        for name, (audio, video) in inputs.items():
-            log_probs, _ = self.recognise(self.features(batch, audio, video), batch.padding_mask)
+        for name in self.scored:
+            log_probs, _ = self.recognise(self.features(batch, *INPUTS[name]), batch.padding_mask)
             self._score(name, log_probs, batch)
 
     def _score(self, name: str, log_probs: Tensor, batch: AVBatch) -> None:

@@ -105,6 +105,10 @@ class CTCTranscriber(TranscriberBase):
         batch_size: int = 16,
     ) -> None:
         module, self.window = load_recogniser(checkpoint, task="sentences", vocab=spm_model)
+        if "audio" not in module.modalities:
+            raise ValueError(
+                f"{checkpoint}: a recogniser of {' and '.join(module.modalities)} only, cannot transcribe speech"
+            )
         self.module = module.to(device)
         self.batch_size = batch_size
 

@@ -116,6 +116,10 @@ def test_bad_settings_are_one_line_errors(word_list):
         CrossModalMutualLearning(encoder=SMALL)
     with pytest.raises(ValueError, match="unknown task"):
         CrossModalMutualLearning(task="phones")
+    with pytest.raises(ValueError, match=r"modalities must be audio and/or video, each once; got \['audio', 'audio'\]"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, modalities=["audio", "audio"])
+    with pytest.raises(ValueError, match="set modalities to audio and video"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, modalities=["audio"], lambda_pred=1.0)
 
 
 def test_kmeans_codebook_starts_at_the_training_features_and_a_resumed_run_keeps_its_basis(
@@ -176,6 +180,32 @@ def test_alignment_weights_warm_up_from_zero(word_list, word_batch):
         assert added == pytest.approx(share * alignment, rel=1e-4, abs=1e-6), step
     added, alignment = loss_at(0, training=False)  # validation scores the full objective
     assert added == pytest.approx(alignment, rel=1e-4)
+
+
+def test_one_modality_trains_alone_and_only_it_is_scored(word_list, word_batch):
+    """``modalities: [audio]`` (a speech recogniser): the loss is the audio classification loss and nothing else,
+    the video front end gets no gradient, and validation scores audio only."""
+    torch.manual_seed(0)
+    both = CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_size=8, lambda_diversity=1.0)
+    audio = CrossModalMutualLearning(words=str(word_list), encoder=SMALL, modalities=["audio"])
+    audio.load_state_dict({k: v for k, v in both.state_dict().items() if not k.startswith("codebook.")})
+    both.eval(), audio.eval()  # no dropout: the two forward passes must match
+    loss, parts = audio.mutual_learning_loss(word_batch)
+    assert set(parts) == {"cls_audio"}
+    features = both.features(word_batch, True, False)
+    expected = F.nll_loss(
+        both.head(features, word_batch.padding_mask), audio.word_targets(word_batch), ignore_index=-100
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    video_grads = [p.grad for n, p in audio.encoder.named_parameters() if "video" in n and p.requires_grad]
+    assert video_grads and all(g is None for g in video_grads)
+    assert set(audio.accuracy) == {"audio"}
+    single = CrossModalMutualLearning(
+        words=str(word_list), encoder=SMALL, modalities=["audio"], codebook_size=8, lambda_diversity=1.0
+    )
+    _, parts = single.mutual_learning_loss(word_batch)  # a one-modality codebook keeps its own terms, no alignment
+    assert set(parts) == {"cls_audio", "diversity", "frame_entropy", "basis_used"}
 
 
 def test_diversity_term_spreads_a_collapsed_codebook(word_list, word_batch):

@@ -101,7 +101,9 @@ def sentences_checkpoint(tiny_corpus, tmp_path_factory, cpu_trainer):
     train = shards(tiny_corpus, "sentences", "train")
     folder = tmp_path_factory.mktemp("ctc")
     spm = train_sentencepiece(train, folder / "spm.model", vocab_size=40)
-    module = CrossModalMutualLearning(task="sentences", spm_model=str(spm), encoder=SMALL, warmup_steps=1)
+    module = CrossModalMutualLearning(
+        task="sentences", spm_model=str(spm), encoder=SMALL, modalities=["audio"], warmup_steps=1
+    )
     data = AVDataModule(train_shards=train, max_frames=400, train_batches_per_epoch=3, num_workers=0)
     trainer = cpu_trainer(max_steps=3)
     trainer.fit(module, datamodule=data)
@@ -130,6 +132,16 @@ def test_ctc_transcriber_matches_the_recogniser_and_feeds_asr_bleu(sentences_che
     assert {k: float(v) for k, v in from_waves.compute().items()} == {
         k: float(v) for k, v in from_texts.compute().items()
     }
+
+
+def test_ctc_transcriber_refuses_a_lip_reader(sentences_checkpoint, tmp_path):
+    spm = sentences_checkpoint[0].parent / "spm.model"
+    lip_reader = CrossModalMutualLearning(task="sentences", spm_model=str(spm), encoder=SMALL, modalities=["video"])
+    checkpoint = {"state_dict": lip_reader.state_dict(), "hyper_parameters": dict(lip_reader.hparams)}
+    lip_reader.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "lips.ckpt")
+    with pytest.raises(ValueError, match="lips.ckpt: a recogniser of video only, cannot transcribe speech"):
+        CTCTranscriber(tmp_path / "lips.ckpt")
 
 
 @pytest.mark.slow
