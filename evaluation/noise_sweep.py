@@ -23,7 +23,7 @@ from pathlib import Path
 from av2av_lightning.data.batching import AVBatch
 from av2av_lightning.data.noise import NOISE_TYPES
 from av2av_lightning.transcribers import Recogniser
-from evaluation.recognition import INPUTS, add_arguments, evaluate, load, split_batches, table_rows
+from evaluation.recognition import add_arguments, evaluate, load, split_batches, table_rows
 from evaluation.tables import save_figure, write_table
 
 SNRS = (-20, -15, -10, -5, 0, 5, 10)
@@ -36,11 +36,12 @@ def sweep(
     shards: str | list[str],
     snrs: Sequence[float] = SNRS,
     noises: Sequence[str] = NOISE_TYPES,
-    inputs: Sequence[str] = tuple(INPUTS),
+    inputs: Sequence[str] | None = None,
     max_frames: int = 1000,
     max_batches: int | None = None,
 ) -> list[Row]:
-    """Rows ``{noise, snr_db, input, utterances, metric...}``: the clean split first, then each noise and SNR."""
+    """Rows ``{noise, snr_db, input, utterances, metric...}``: the clean split first, then each noise and SNR;
+    ``inputs`` None: every input the recogniser was trained on."""
     unknown = sorted(set(noises) - set(NOISE_TYPES))
     if unknown:
         raise ValueError(f"unknown noise types {unknown}; expected some of {', '.join(NOISE_TYPES)}")

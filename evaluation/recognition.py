@@ -5,7 +5,8 @@
 
 Word classification checkpoints (``task: words``) are scored with word accuracy, sentence checkpoints (``task:
 sentences``, greedy CTC) with corpus WER and CER. The table has one row per input (A: audio only, V: lips only,
-AV: both) and is written as ``OUT/recognition.md`` and ``OUT/recognition.csv``.
+AV: both; by default those the checkpoint was trained on) and, with ``--languages en es fr``, one more per input
+and language; it is written as ``OUT/recognition.md`` and ``OUT/recognition.csv``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.datamodule import AVDataModule
 from av2av_lightning.data.pipeline import resolve_shards
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
-from av2av_lightning.mutual_learning import CrossModalMutualLearning
+from av2av_lightning.mutual_learning import MODALITIES, CrossModalMutualLearning
 from av2av_lightning.transcribers import Recogniser, load_recogniser
 from evaluation.tables import write_table
 
@@ -37,11 +38,15 @@ def recognition_metrics(task: str) -> dict[str, Metric]:
 
 
 def split_batches(
-    shards: str | list[str], recogniser: Recogniser, max_frames: int = 1000, **noise
+    shards: str | list[str],
+    recogniser: Recogniser,
+    max_frames: int = 1000,
+    languages: list[str] | None = None,
+    **noise,
 ) -> Iterable[AVBatch]:
-    """The split's batches as the recogniser was trained to see them (its task's kind, a word classifier's words
-    only, its feature window), with ``noise`` options of `AVDataModule` (``noise_prob``, ``noise_snr_db``,
-    ``noise_types``) applied to it."""
+    """The split's batches (of ``languages`` only, when given) as the recogniser was trained to see them (its task's
+    kind, a word classifier's words only, its feature window), with ``noise`` options of `AVDataModule`
+    (``noise_prob``, ``noise_snr_db``, ``noise_types``) applied to it."""
     task = recogniser.module.hparams.task
     data = AVDataModule(
         test_shards=shards,
@@ -50,20 +55,41 @@ def split_batches(
         kinds=[KINDS[task]],
         words=recogniser.module.words if task == "words" else None,
         window=recogniser.window,
+        languages=languages,
         noise_splits=("test",),
         **noise,
     )
     return data.test_dataloader()
 
 
-@torch.no_grad()
-def evaluate(
-    module: CrossModalMutualLearning, batches: Iterable[AVBatch], inputs: Sequence[str] = tuple(INPUTS)
-) -> dict[str, dict[str, float]]:
-    """``input -> {"utterances": n, metric: value}``: word accuracy or corpus WER/CER over all batches."""
-    unknown = sorted(set(inputs) - set(INPUTS))
+def trained_inputs(module: CrossModalMutualLearning) -> list[str]:
+    """The inputs whose modalities the module was trained on (a speech recogniser: A only)."""
+    return [
+        name
+        for name, uses in INPUTS.items()
+        if all(modality in module.modalities for modality, used in zip(MODALITIES, uses) if used)
+    ]
+
+
+def check_inputs(module: CrossModalMutualLearning, inputs: Sequence[str] | None) -> list[str]:
+    """``inputs`` (None: every trained input), each a known input the module was trained for."""
+    unknown = sorted(set(inputs or ()) - set(INPUTS))
     if unknown:
         raise ValueError(f"unknown inputs {unknown}; expected some of {', '.join(INPUTS)}")
+    trained = trained_inputs(module)
+    untrained = [name for name in inputs or () if name not in trained]
+    if untrained:
+        raise ValueError(f"input {untrained[0]}: the checkpoint was trained on {' and '.join(module.modalities)} only")
+    return trained if inputs is None else list(inputs)
+
+
+@torch.no_grad()
+def evaluate(
+    module: CrossModalMutualLearning, batches: Iterable[AVBatch], inputs: Sequence[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """``input -> {"utterances": n, metric: value}``: word accuracy or corpus WER/CER over all batches, for
+    ``inputs`` (None: every input the module was trained on)."""
+    inputs = check_inputs(module, inputs)
     task = module.hparams.task
     metrics = {name: recognition_metrics(task) for name in inputs}
     utterances = 0
@@ -110,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, nargs="+", help="shards of the split to evaluate")
     parser.add_argument("--out", required=True, type=Path, help="folder of the table")
     parser.add_argument("--vocab", type=Path, help="word list / sentencepiece model, if it moved since training")
-    parser.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS))
+    parser.add_argument(
+        "--inputs", nargs="+", choices=list(INPUTS), help="default: those the checkpoint was trained on"
+    )
     parser.add_argument("--max-frames", type=int, default=1000, help="frame budget per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -119,6 +147,7 @@ def load(args: argparse.Namespace) -> Recogniser:
     """The recogniser on its device, after checking that the shards exist (bad input fails before any work)."""
     resolve_shards(args.shards)
     recogniser = load_recogniser(args.checkpoint, vocab=args.vocab)
+    check_inputs(recogniser.module, args.inputs)
     recogniser.module.to(args.device)
     return recogniser
 
@@ -126,14 +155,19 @@ def load(args: argparse.Namespace) -> Recogniser:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("--languages", nargs="+", help="also a row per input for each of these languages")
     args = parser.parse_args(argv)
     try:
         recogniser = load(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"recognition: error: {err}", file=sys.stderr)
         return 2
-    results = evaluate(recogniser.module, split_batches(args.shards, recogniser, args.max_frames), args.inputs)
-    print(write_table(table_rows(results), args.out, "recognition"))
+    rows = []
+    for lang in [None, *(args.languages or [])]:
+        batches = split_batches(args.shards, recogniser, args.max_frames, languages=[lang] if lang else None)
+        results = evaluate(recogniser.module, batches, args.inputs)
+        rows += table_rows(results, **({"lang": lang or "all"} if args.languages else {}))
+    print(write_table(rows, args.out, "recognition"))
     return 0
 
 

@@ -74,6 +74,35 @@ def test_recognition_table_has_a_row_per_input_equal_to_direct_metrics(trained, 
 
 
 @pytest.mark.slow
+def test_per_language_rows_split_the_utterances(trained, tmp_path):
+    checkpoint, train = trained
+    args = ["--checkpoint", str(checkpoint), "--shards", *train, "--inputs", "A", "--languages", "en", "es", "fr"]
+    assert recognition.main([*args, "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "recognition.csv")
+    assert [(row["lang"], row["input"]) for row in rows] == [("all", "A"), ("en", "A"), ("es", "A"), ("fr", "A")]
+    assert sum(int(row["utterances"]) for row in rows[1:]) == int(rows[0]["utterances"]) == 24
+    wer, _ = direct_error_rates(checkpoint, train, True, False)
+    assert float(rows[0]["wer"]) == pytest.approx(wer, abs=1e-12)
+
+
+def test_a_speech_recogniser_is_scored_from_audio_only(tmp_path):
+    spm = train_sentencepiece_from_text(tmp_path)
+    module = CrossModalMutualLearning(task="sentences", spm_model=str(spm), encoder=SMALL, modalities=["audio"])
+    assert recognition.check_inputs(module, None) == ["A"]
+    with pytest.raises(ValueError, match="input V: the checkpoint was trained on audio only"):
+        recognition.check_inputs(module, ["A", "V"])
+
+
+def train_sentencepiece_from_text(folder):
+    import sentencepiece
+
+    text = folder / "text.txt"
+    text.write_text("".join(f"the cat sees {n} dogs\nel gato ve {n} perros\n" for n in range(50)))
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "spm"), vocab_size=30)
+    return folder / "spm.model"
+
+
+@pytest.mark.slow
 def test_noise_sweep_table_plot_and_noise_hurts_audio(trained, tmp_path):
     """Two SNRs x two noises x three inputs, plus the clean split. The 60-step model's WER is still about 1 with
     or without noise, so it cannot show a WER trend honestly; the trend is checked on CER instead: audio-only CER
