@@ -43,6 +43,11 @@ class TranscriberBase(ABC):
     @abstractmethod
     def transcribe(self, waves: list[np.ndarray], sample_rate: int, language: str | None) -> list[str]: ...
 
+    @property
+    def languages(self) -> tuple[str, ...] | None:
+        """The languages it can transcribe; None: any it is given (a recogniser trained on several)."""
+        return None
+
     def __call__(self, waves: list[np.ndarray], lang: str | None) -> list[str]:
         return self.transcribe(waves, SAMPLE_RATE, lang)
 
@@ -168,6 +173,10 @@ class WhisperTranscriber(TranscriberBase):
     @property
     def multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
+
+    @property
+    def languages(self) -> tuple[str, ...] | None:
+        return None if self.multilingual else ("en",)
 
     def check_language(self, language: str | None) -> str | None:
         """The Whisper language code to decode in; a language the model does not know is a one-line error."""

@@ -1,7 +1,7 @@
 """Resynthesis evidence: how well the trained renderers reproduce a clip from its own ground-truth units.
 
     python -m evaluation.resynthesis --pipeline experiments/pipeline/tiny.yaml --sentences data/demo/sentences \\
-        --splits valid test_unseen --sync-expert runs/demo/syncnet/last.ckpt [--whisper DIR] --limit 20 \\
+        --splits valid test_unseen --sync-expert runs/demo/syncnet/last.ckpt [--transcriber SPEC] --limit 20 \\
         --out runs/demo/resynthesis
 
 No translation is involved, so every output has a frame-aligned reference (the clip itself). Per clip of a split:
@@ -9,8 +9,9 @@ No translation is involved, so every output has a frame-aligned reference (the c
 - **voice**: the clip's de-duplicated units with their ground-truth durations (``{split}.units.npz`` /
   ``.durations.npz`` in ``--units``, by default the folder of the pipeline's quantizer) through the pipeline's
   vocoder, conditioned on the clip's own speaker embedding; STOI, ESTOI and wide-band PESQ against the original
-  audio (clips a measure cannot score are counted in ``*_failed``), and with ``--whisper`` the WER of the English
-  clips against their transcripts, next to the WER of the original English audio (the ASR's own ceiling);
+  audio (clips a measure cannot score are counted in ``*_failed``), and with ``--transcriber`` (``ctc:CKPT``, or
+  ``whisper:DIR``: an English-only model hears the English clips only) the WER of the clips against their
+  transcripts, next to the WER of the original audio (the ASR's own ceiling);
 - **speaker similarity**: the output's speaker embedding against its own speaker's mean embedding (the split's
   other original clips of that speaker: the clip that conditioned the vocoder is left out) and against the mean
   embedding of each other speaker of the split (averaged); both means and the fraction of clips where own > other;
@@ -37,6 +38,7 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,6 @@ from data_prep.converters.media import fit_audio
 from evaluation.tables import Cell, write_table
 
 TABLE = "resynthesis"
-ASR_LANG = "en"  # the --whisper transcriber scores English clips only
 FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio (as the vocoder's training allows)
 SPEECH_METRICS = ("stoi", "estoi", "pesq")
 SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
@@ -67,10 +68,12 @@ Row = dict[str, Cell]
 
 @dataclass
 class Scorers:
-    """What scores the outputs beyond the pipeline itself: an English ASR and a SyncNet expert, both optional."""
+    """What scores the outputs beyond the pipeline itself, each optional: an ASR (of ``asr_languages`` only, None:
+    every language) and a SyncNet expert."""
 
     transcriber: Transcriber | None = None
     sync_expert: SyncExpert | None = None
+    asr_languages: Collection[str] | None = None
 
 
 @dataclass
@@ -112,14 +115,19 @@ class SplitScores:
     references: list[torch.Tensor] = field(default_factory=list)
     speakers: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    asr_languages: Collection[str] | None = None  # None: every language
 
     @classmethod
     def build(cls, scorers: Scorers) -> SplitScores:
         """Suites for the outputs and, for the ASR and lip sync, the same again for the original clips."""
         asr, expert = scorers.transcriber, scorers.sync_expert
-        wer = [build_suite(["wer"], transcriber=asr, lang=ASR_LANG) if asr is not None else None for _ in range(2)]
+        wer = [build_suite(["wer"], transcriber=asr) if asr is not None else None for _ in range(2)]
         lse = [build_suite(["lse"], sync_expert=expert) if expert is not None else None for _ in range(2)]
-        return cls(build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim"], data_range=255), *wer, *lse)
+        speech, face = build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim"], data_range=255)
+        return cls(speech, face, *wer, *lse, asr_languages=scorers.asr_languages)
+
+    def transcribes(self, lang: str) -> bool:
+        return self.asr is not None and (self.asr_languages is None or lang in self.asr_languages)
 
 
 def own_vs_other(outputs: torch.Tensor, references: torch.Tensor, speakers: list[str]) -> dict[str, float]:
@@ -198,9 +206,9 @@ def score_clip(
     speaker, whose clip conditioned it; frame-aligned face scores only for the clip's own identity)."""
     identity_meta, identity_clip = identity
     scores.speech.update(pred_wave=[wave], ref_wave=[clip.wave])
-    if scores.asr is not None and meta.lang == ASR_LANG:
-        scores.asr.update(pred_wave=[wave], ref_text=[meta.text])
-        scores.asr_reference.update(pred_wave=[clip.wave], ref_text=[meta.text])
+    if scores.transcribes(meta.lang):
+        scores.asr.update(pred_wave=[wave], ref_text=[meta.text], lang=meta.lang)
+        scores.asr_reference.update(pred_wave=[clip.wave], ref_text=[meta.text], lang=meta.lang)
         scores.counts["transcribed"] += 1
     if pipeline.speaker_encoder is not None:
         scores.outputs.append(embed(pipeline, wave))
@@ -266,11 +274,11 @@ def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipelin
     for key in SPEECH_METRICS:
         row[key] = _defined(speech[key], nothing)
         row[f"{key}_failed"] = int(speech[f"{key}_failed"])
-    absent = "n/a: no --whisper" if scores.asr is None else "n/a: no English clip"
-    row |= {"en_clips": counts["transcribed"], "wer_en": absent, "reference_wer_en": absent}
+    absent = "n/a: no --transcriber" if scores.asr is None else "n/a: no clip in the ASR's languages"
+    row |= {"transcribed": counts["transcribed"], "wer": absent, "reference_wer": absent}
     if counts["transcribed"]:
-        row["wer_en"] = float(scores.asr.compute()["wer"])
-        row["reference_wer_en"] = float(scores.asr_reference.compute()["wer"])
+        row["wer"] = float(scores.asr.compute()["wer"])
+        row["reference_wer"] = float(scores.asr_reference.compute()["wer"])
     row |= _similarity(scores, pipeline)
     row |= _face(scores, pipeline, identity)
     return row
@@ -362,8 +370,9 @@ def check_inputs(args: argparse.Namespace) -> PipelineConfig:
 
 
 def load_scorers(args: argparse.Namespace) -> Scorers:
-    transcriber = build_transcriber(f"whisper:{args.whisper}") if args.whisper else None
-    return Scorers(transcriber, load_sync_expert(args.sync_expert) if args.sync_expert else None)
+    transcriber = build_transcriber(args.transcriber) if args.transcriber else None
+    expert = load_sync_expert(args.sync_expert) if args.sync_expert else None
+    return Scorers(transcriber, expert, transcriber.languages if transcriber is not None else None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -374,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--units", type=Path, help="folder of SPLIT.units.npz / .durations.npz (default: quantizer's)")
     parser.add_argument("--unit-rate", type=int, default=VIDEO_FPS, help="Hz of the durations' frames (25 or 50)")
     parser.add_argument("--sync-expert", type=Path, help="a SyncNet expert checkpoint (LSE-C/D)")
-    parser.add_argument("--whisper", type=Path, help="a Whisper model folder: WER of the English clips")
+    parser.add_argument("--transcriber", help="'ctc:CHECKPOINT' or 'whisper:MODEL_DIR': WER of the speech")
     parser.add_argument("--manifest", type=Path, help="corpus manifest (held-out speakers); default: beside shards")
     parser.add_argument("--limit", type=int, help="at most this many clips per split")
     parser.add_argument(

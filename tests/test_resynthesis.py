@@ -27,8 +27,8 @@ SPLITS = ("valid", "test_unseen")
 NUMERIC = (
     "stoi",
     "estoi",
-    "wer_en",
-    "reference_wer_en",
+    "wer",
+    "reference_wer",
     "psnr",
     "ssim",
     "lse_c",
@@ -79,7 +79,7 @@ def pipeline_yaml(config, corpus) -> Path:  # noqa: F811
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory) -> Scorers:
     expert = save_stage(SyncExpertTraining("tiny"), tmp_path_factory.mktemp("expert") / "sync.ckpt")
-    return Scorers(FakeASR(), load_sync_expert(expert))
+    return Scorers(FakeASR(), load_sync_expert(expert), asr_languages=("en",))  # as an English-only Whisper
 
 
 def arguments(corpus: Path, pipeline_yaml: Path, out: Path, *extra: str):
@@ -117,7 +117,7 @@ def test_one_row_per_split_with_every_column_and_failing_pesq_counted(
             assert 1.0 <= float(row["pesq"]) <= 4.7
         assert int(row["similarity_scored"]) <= 4
     assert set(scorers.transcriber.langs) == {"en"}  # only English clips are transcribed, output and original
-    assert len(scorers.transcriber.langs) == 2 * sum(int(row["en_clips"]) for row in rows) > 0
+    assert len(scorers.transcriber.langs) == 2 * sum(int(row["transcribed"]) for row in rows) > 0
 
     def refuse(*_):
         raise pesq.NoUtterancesError("no utterances detected")
@@ -127,7 +127,13 @@ def test_one_row_per_split_with_every_column_and_failing_pesq_counted(
     for row in read_rows(tmp_path / "failing"):
         assert row["pesq_failed"] == row["clips"] == "2" and row["pesq"] == "n/a: no clip scored"
         assert math.isfinite(float(row["stoi"]))
-        assert row["wer_en"] == "n/a: no --whisper" and row["lse_c"] == "n/a: no --sync-expert"
+        assert row["wer"] == "n/a: no --transcriber" and row["lse_c"] == "n/a: no --sync-expert"
+    every_language = FakeASR()  # a recogniser of every corpus language hears every clip, in its own language
+    resynthesis.run(
+        arguments(corpus, pipeline_yaml, tmp_path / "all", "--limit", "2"), pipeline, Scorers(every_language)
+    )
+    assert sorted(every_language.langs) == ["en"] * 4 + ["es"] * 4
+    assert all(row["transcribed"] == "2" for row in read_rows(tmp_path / "all"))
 
 
 def test_cross_identity_rows_speak_with_another_speaker(corpus, pipeline_yaml, config, scorers, tmp_path, monkeypatch):  # noqa: F811

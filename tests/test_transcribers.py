@@ -62,7 +62,7 @@ def test_whisper_transcribes_espeak_english(whisper, english):
 
 
 def test_whisper_english_only_model_refuses_other_languages(whisper, english):
-    assert not whisper.multilingual
+    assert not whisper.multilingual and whisper.languages == ("en",)
     for language in ("es", "fr"):
         with pytest.raises(ValueError, match=f"English-only Whisper model, cannot transcribe '{language}'") as err:
             whisper.transcribe(english[0][:1], 16_000, language)
@@ -115,6 +115,7 @@ def sentences_checkpoint(tiny_corpus, tmp_path_factory, cpu_trainer):
 def test_ctc_transcriber_matches_the_recogniser_and_feeds_asr_bleu(sentences_checkpoint):
     path, train = sentences_checkpoint
     transcriber = CTCTranscriber(path)
+    assert transcriber.languages is None  # every language of its vocabulary
     batch = next(iter(AVDataModule(test_shards=train, max_frames=400, num_workers=0).test_dataloader()))
     waves = [wave[:length].numpy() for wave, length in zip(batch.wave, batch.wave_lengths)]
     texts = transcriber.transcribe(waves, 16_000, "en")
