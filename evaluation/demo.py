@@ -113,6 +113,8 @@ def demo_stages(
     pipeline = resolve_config(PIPELINE_CONFIG, corpus, runs, runs / "configs" / "pipeline.yaml")
     translated, noise, unseen = runs / "translated", runs / "noise", str(sentences / "test_unseen-*.tar")
     recogniser = runs / "mutual_learning" / "last.ckpt"
+    pieces, transcriber = runs / "spm.model", runs / "transcriber" / "last.ckpt"
+    evaluation = runs / "eval"
 
     def fit(name: str, inputs: list[Path | str], metrics: tuple[str, ...]) -> Stage:
         return fit_stage(name, corpus, runs, inputs, metrics, fit_args)
@@ -135,6 +137,11 @@ def demo_stages(
         "--shards",
         str(corpus / "words" / "train-*.tar"),
     ]
+    spm = ["vocab", "spm", "--shards", train_shards, "--vocab-size", "256", "--out", str(pieces)]
+    scorers = [
+        "--transcriber", f"ctc:{transcriber}", "--speaker-encoder", str(runs / "speaker" / "last.ckpt"),
+        "--sync-expert", str(runs / "syncnet" / "last.ckpt"),
+    ]  # fmt: skip
     return [
         Stage(
             "targets",
@@ -169,6 +176,8 @@ def demo_stages(
             [recogniser],
             section=noise_section,
         ),
+        Stage("spm", av2av(*spm), [pieces], [manifest]),
+        fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
         Stage(
             "translate",  # a few unseen-speaker English clips into Spanish, as MP4s beside their sources
             av2av(
@@ -187,8 +196,29 @@ def demo_stages(
                 str(translated),
             ),  # fmt: skip
             [translated / "index.jsonl"],
-            [PIPELINE_CONFIG, *(runs / name / "last.ckpt" for name in ("translation", "vocoder", "face"))],
+            [
+                PIPELINE_CONFIG,
+                *(runs / name / "last.ckpt" for name in ("translation", "vocoder", "face", "transcriber")),
+            ],
             section=partial(clips_section, unseen),
+        ),
+        Stage(
+            "evaluate",  # ASR-BLEU of the translations against the target-language reference speech (the ceiling)
+            [
+                sys.executable,
+                "-m",
+                "evaluation.av2av_eval",
+                "--outputs",
+                str(translated),
+                "--shards",
+                unseen,
+                *scorers,
+                "--out",
+                str(evaluation),
+            ],
+            [evaluation / "av2av_eval.md", evaluation / "av2av_eval.csv"],
+            [translated / "index.jsonl", transcriber],
+            section=evaluation_section,
         ),
     ]
 
@@ -352,6 +382,22 @@ def noise_section(stage: Stage, report: Path) -> list[str]:
         f"![recognition against SNR]({png.name})",
         "",
         table,
+        "",
+    ]
+
+
+def evaluation_section(stage: Stage, report: Path) -> list[str]:
+    """The evaluation table of the translated clips (copied into the report folder)."""
+    for path in stage.outputs:
+        shutil.copy2(path, report / path.name)
+    return [
+        "## Translation quality",
+        "",
+        "ASR-BLEU and chrF of the translated clips (`av2av`) and of the same sentence spoken in the target language "
+        "by the corpus (`reference`, the ceiling), both transcribed by the demo's CTC recogniser; speaker "
+        "similarity to the source voice; LSE-C / LSE-D of the faces.",
+        "",
+        stage.outputs[0].read_text().strip(),
         "",
     ]
 

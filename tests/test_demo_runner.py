@@ -19,12 +19,13 @@ from conftest import synthetic_audio, synthetic_face
 from av2av_lightning.av2av import load_source_clip, write_mp4
 from av2av_lightning.transcribers import Recogniser
 from av2av_lightning.translate_cli import INDEX_NAME, iter_shard_clips
-from evaluation import noise_sweep
+from evaluation import av2av_eval, noise_sweep
 from evaluation.demo import (
     Stage,
     StageError,
     clips_section,
     demo_stages,
+    evaluation_section,
     is_cached,
     main,
     noise_section,
@@ -237,12 +238,38 @@ def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch
     assert noise_sweep.main(noise.command[3:]) == 2
     args = parsed[0]
     assert args.checkpoint == checkpoint and args.shards == [str(corpus / "words" / "test-*.tar")]
-    assert args.out == runs / "noise" and args.inputs == ["A", "V", "AV"]
+    assert args.out == runs / "noise" and args.inputs is None  # every input it was trained on: A, V and AV
     assert sorted(args.noises) == ["babble", "white"]
     assert len(args.snrs) >= 3 and min(args.snrs) >= -20 and max(args.snrs) <= 10 and args.max_batches >= 1
     translate = stages["translate"]
     assert translate.section.func is clips_section
     assert translate.section.args == (translate.command[translate.command.index("--shards") + 1],)
+
+
+def test_evaluation_stage_scores_the_translations_with_the_demo_transcriber(tmp_path):
+    """After translating: the CTC recogniser of stage `transcriber` (pieces from stage `spm`) transcribes the
+    translations and their references; the command parses as `evaluation.av2av_eval` would run it."""
+    corpus, runs = tmp_path / "corpus", tmp_path / "runs"
+    corpus.mkdir()
+    stages = {stage.name: stage for stage in demo_stages(corpus, runs)}
+    names = list(stages)
+    assert names.index("spm") < names.index("transcriber") < names.index("translate") < names.index("evaluate")
+    transcriber = runs / "transcriber" / "last.ckpt"
+    assert stages["transcriber"].outputs == [transcriber] and runs / "spm.model" in stages["transcriber"].inputs
+    assert (
+        "spm.model"
+        in Path(stages["transcriber"].command[stages["transcriber"].command.index("--config") + 1]).read_text()
+    )
+    evaluate = stages["evaluate"]
+    assert evaluate.command[:3] == [sys.executable, "-m", "evaluation.av2av_eval"]
+    assert evaluate.section is evaluation_section and transcriber in evaluate.inputs
+    args = av2av_eval.parse_args(evaluate.command[3:])
+    translate = stages["translate"]
+    assert args.outputs / INDEX_NAME == translate.outputs[0]
+    assert args.shards == [translate.command[translate.command.index("--shards") + 1]]
+    assert args.transcriber == f"ctc:{transcriber}"
+    assert args.speaker_encoder in stages["speaker"].outputs and args.sync_expert in stages["syncnet"].outputs
+    assert [args.out / "av2av_eval.md", args.out / "av2av_eval.csv"] == evaluate.outputs
 
 
 def test_noise_sweep_scores_the_first_batches_of_every_pass(monkeypatch):
@@ -305,12 +332,22 @@ def fake_translate_stage(folder: Path, shards) -> Stage:
     return Stage("translate", [], [folder / INDEX_NAME], section=partial(clips_section, shards.pattern))
 
 
+def fake_evaluation_stage(folder: Path) -> Stage:
+    rows = [{"direction": "en-es", "system": system, "utterances": 6, "asr_bleu": bleu}
+            for system, bleu in (("av2av", 0.5), ("reference", 61.25))]  # fmt: skip
+    write_table(rows, folder, "av2av_eval")
+    return Stage("evaluate", [], [folder / "av2av_eval.md", folder / "av2av_eval.csv"], section=evaluation_section)
+
+
 def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_path, shard_writer):
     shards = shard_writer([20, 24, 28], per_shard=2, langs=("en",))
-    (tmp_path / "noise").mkdir(), (tmp_path / "translated").mkdir()
+    (tmp_path / "noise").mkdir(), (tmp_path / "translated").mkdir(), (tmp_path / "eval").mkdir()
     stages = [fake_noise_stage(tmp_path / "noise"), fake_translate_stage(tmp_path / "translated", shards)]
+    stages.append(fake_evaluation_stage(tmp_path / "eval"))
     report = tmp_path / "report"
     text = write_report(stages, {}, {}, report, 30).read_text()
+    assert "## Translation quality" in text and "| en-es | reference | 6 | 61.2500 |" in text
+    assert (report / "av2av_eval.csv").is_file()
     first, _, third = shards.keys
     assert "## Noise robustness" in text and "![recognition against SNR](noise_sweep.png)" in text
     assert "| noise | snr_db | input | utterances | accuracy |" in text and "| white | -20 | A | 8 | 0.3000 |" in text
