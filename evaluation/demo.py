@@ -217,7 +217,7 @@ def demo_stages(
                 str(evaluation),
             ],
             [evaluation / "av2av_eval.md", evaluation / "av2av_eval.csv"],
-            [translated / "index.jsonl", transcriber],
+            [translated / "index.jsonl", transcriber, runs / "speaker" / "last.ckpt", runs / "syncnet" / "last.ckpt"],
             section=evaluation_section,
         ),
     ]
