@@ -205,6 +205,10 @@ class CrossModalMutualLearning(L.LightningModule):
 
     # ------------------------------------------------------------------ features
 
+    def trained_for(self, audio: bool, video: bool) -> bool:
+        """Whether every modality of this input was trained (a speech recogniser has no lip reading to offer)."""
+        return all(modality in self.modalities for modality, used in zip(MODALITIES, (audio, video)) if used)
+
     def features(self, batch: AVBatch, audio: bool, video: bool) -> Tensor:
         """Encoder output for the chosen inputs (a missing modality is zeros), without masking."""
         frozen = self.training and self.global_step < self.hparams.freeze_encoder_steps

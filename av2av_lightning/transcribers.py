@@ -110,7 +110,7 @@ class CTCTranscriber(TranscriberBase):
         batch_size: int = 16,
     ) -> None:
         module, self.window = load_recogniser(checkpoint, task="sentences", vocab=spm_model)
-        if "audio" not in module.modalities:
+        if not module.trained_for(audio=True, video=False):
             raise ValueError(
                 f"{checkpoint}: a recogniser of {' and '.join(module.modalities)} only, cannot transcribe speech"
             )

@@ -367,10 +367,15 @@ def plot_curves(stages: list[Stage], png: Path) -> Path | None:
     return png
 
 
-def noise_section(stage: Stage, report: Path) -> list[str]:
-    """The noise sweep's plot and table (copied into the report folder)."""
+def copy_outputs(stage: Stage, report: Path) -> None:
+    """The stage's outputs into the report folder, so the report's links survive moving it."""
     for path in stage.outputs:
         shutil.copy2(path, report / path.name)
+
+
+def noise_section(stage: Stage, report: Path) -> list[str]:
+    """The noise sweep's plot and table (copied into the report folder)."""
+    copy_outputs(stage, report)
     table = next(path for path in stage.outputs if path.suffix == ".md").read_text().strip()
     png = next(path for path in stage.outputs if path.suffix == ".png")
     return [
@@ -388,8 +393,7 @@ def noise_section(stage: Stage, report: Path) -> list[str]:
 
 def evaluation_section(stage: Stage, report: Path) -> list[str]:
     """The evaluation table of the translated clips (copied into the report folder)."""
-    for path in stage.outputs:
-        shutil.copy2(path, report / path.name)
+    copy_outputs(stage, report)
     return [
         "## Translation quality",
         "",

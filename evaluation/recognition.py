@@ -23,11 +23,12 @@ from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.datamodule import AVDataModule
 from av2av_lightning.data.pipeline import resolve_shards
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
-from av2av_lightning.mutual_learning import MODALITIES, CrossModalMutualLearning
+from av2av_lightning.mutual_learning import INPUTS as MODULE_INPUTS
+from av2av_lightning.mutual_learning import CrossModalMutualLearning
 from av2av_lightning.transcribers import Recogniser, load_recogniser
 from evaluation.tables import write_table
 
-INPUTS = {"A": (True, False), "V": (False, True), "AV": (True, True)}
+INPUTS = {"A": MODULE_INPUTS["audio"], "V": MODULE_INPUTS["video"], "AV": MODULE_INPUTS["av"]}  # (audio, video)
 KINDS = {"words": "word", "sentences": "sentence"}
 
 
@@ -62,21 +63,12 @@ def split_batches(
     return data.test_dataloader()
 
 
-def trained_inputs(module: CrossModalMutualLearning) -> list[str]:
-    """The inputs whose modalities the module was trained on (a speech recogniser: A only)."""
-    return [
-        name
-        for name, uses in INPUTS.items()
-        if all(modality in module.modalities for modality, used in zip(MODALITIES, uses) if used)
-    ]
-
-
 def check_inputs(module: CrossModalMutualLearning, inputs: Sequence[str] | None) -> list[str]:
     """``inputs`` (None: every trained input), each a known input the module was trained for."""
     unknown = sorted(set(inputs or ()) - set(INPUTS))
     if unknown:
         raise ValueError(f"unknown inputs {unknown}; expected some of {', '.join(INPUTS)}")
-    trained = trained_inputs(module)
+    trained = [name for name, (audio, video) in INPUTS.items() if module.trained_for(audio, video)]
     untrained = [name for name in inputs or () if name not in trained]
     if untrained:
         raise ValueError(f"input {untrained[0]}: the checkpoint was trained on {' and '.join(module.modalities)} only")

@@ -85,21 +85,14 @@ def test_per_language_rows_split_the_utterances(trained, tmp_path):
     assert float(rows[0]["wer"]) == pytest.approx(wer, abs=1e-12)
 
 
-def test_a_speech_recogniser_is_scored_from_audio_only(tmp_path):
-    spm = train_sentencepiece_from_text(tmp_path)
+def test_a_speech_recogniser_is_scored_from_audio_only(tiny_corpus, tmp_path):
+    out, manifest = tiny_corpus
+    train = [str(out / p) for p in manifest["subsets"]["sentences"]["train"]["shards"]]
+    spm = train_sentencepiece(train, tmp_path / "spm.model", vocab_size=40)
     module = CrossModalMutualLearning(task="sentences", spm_model=str(spm), encoder=SMALL, modalities=["audio"])
     assert recognition.check_inputs(module, None) == ["A"]
     with pytest.raises(ValueError, match="input V: the checkpoint was trained on audio only"):
         recognition.check_inputs(module, ["A", "V"])
-
-
-def train_sentencepiece_from_text(folder):
-    import sentencepiece
-
-    text = folder / "text.txt"
-    text.write_text("".join(f"the cat sees {n} dogs\nel gato ve {n} perros\n" for n in range(50)))
-    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "spm"), vocab_size=30)
-    return folder / "spm.model"
 
 
 @pytest.mark.slow
