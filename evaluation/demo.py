@@ -110,9 +110,9 @@ def demo_stages(
     labels, units, words = runs / "labels" / "iter1", runs / "units" / "audio", runs / "words.txt"
     frame_units = runs / "units" / "audio_frames"
     pretrained = runs / "pretrain" / "last.ckpt"
+    aligned = runs / "mutual_learning" / "last.ckpt"  # mutual learning: the recogniser and the units' encoder
     pipeline = resolve_config(PIPELINE_CONFIG, corpus, runs, runs / "configs" / "pipeline.yaml")
     translated, noise, unseen = runs / "translated", runs / "noise", str(sentences / "test_unseen-*.tar")
-    recogniser = runs / "mutual_learning" / "last.ckpt"
     pieces, transcriber = runs / "spm.model", runs / "transcriber" / "last.ckpt"
     evaluation = runs / "eval"
 
@@ -120,11 +120,11 @@ def demo_stages(
         return fit_stage(name, corpus, runs, inputs, metrics, fit_args)
 
     mfcc = ["cluster", "mfcc", "--k", "50", "--sample-fraction", "0.1", "--quiet", "--out", str(labels)]
-    layer = ["--checkpoint", str(pretrained), "--layer", "3", "--modality", "audio", "--device", "cpu", "--quiet"]
+    layer = ["--checkpoint", str(aligned), "--layer", "3", "--modality", "audio", "--device", "cpu", "--quiet"]
     extract = ["extract", *layer, "--k", "50", "--out", str(units), "--shards", train_shards]
     frames = ["cluster", "layer", *layer, "--quantizer", str(units / "kmeans.npz"), "--out", str(frame_units)]
     sweep = [
-        "--checkpoint", str(recogniser), "--shards", str(corpus / "words" / "test-*.tar"), "--out", str(noise),
+        "--checkpoint", str(aligned), "--shards", str(corpus / "words" / "test-*.tar"), "--out", str(noise),
         "--noises", "white", "babble", "--snrs", *NOISE_SNRS, "--max-batches", NOISE_BATCHES,
     ]  # fmt: skip
     vocab = [
@@ -150,11 +150,20 @@ def demo_stages(
             [manifest],
         ),
         fit("pretrain", [manifest, labels / "train.km50.npz"], ("val/acc_masked_av", "val/loss")),
+        Stage("words", av2av(*vocab), [words], [manifest]),
+        fit("mutual_learning", [pretrained, words], ("val/acc_video", "val/acc_audio")),
+        Stage(
+            "noise",  # word accuracy for A, V and AV input with white and babble noise on the audio, per SNR
+            [sys.executable, "-m", "evaluation.noise_sweep", *sweep],
+            [noise / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")],
+            [aligned],
+            section=noise_section,
+        ),
         Stage(
             "units",
             av2av("units", *extract, *labels_of(split, "train", "valid", "test_unseen")),
             [units / f"{s}.{kind}.npz" for s in ("train", "valid", "test_unseen") for kind in ("units", "durations")],
-            [pretrained],
+            [aligned],
         ),
         fit("translation", [units / "train.units.npz"], ("val/unit_bleu", "val/loss")),
         fit("speaker", [manifest], ("val/eer",)),
@@ -164,18 +173,9 @@ def demo_stages(
             "face_units",  # the units' quantizer at 25 Hz: frame-aligned, as the face renderer reads them
             av2av(*frames, *labels_of(split, "train", "test_unseen")),
             [frame_units / "train.km50.npz", frame_units / "test_unseen.km50.npz"],
-            [pretrained, units / "train.units.npz"],
+            [aligned, units / "train.units.npz"],
         ),
         fit("face", [frame_units / "train.km50.npz", runs / "syncnet" / "last.ckpt"], ("val/psnr", "val/l1")),
-        Stage("words", av2av(*vocab), [words], [manifest]),
-        fit("mutual_learning", [pretrained, words], ("val/acc_video", "val/acc_audio")),
-        Stage(
-            "noise",  # word accuracy for A, V and AV input with white and babble noise on the audio, per SNR
-            [sys.executable, "-m", "evaluation.noise_sweep", *sweep],
-            [noise / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")],
-            [recogniser],
-            section=noise_section,
-        ),
         Stage("spm", av2av(*spm), [pieces], [manifest]),
         fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
         Stage(

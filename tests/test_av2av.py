@@ -145,7 +145,7 @@ def test_config_yaml_names_its_problems(tmp_path, stages):
 
 def test_checked_in_tiny_config_parses():
     config = PipelineConfig.from_yaml(EXPERIMENTS / "tiny.yaml")
-    assert config.encoder == "runs/demo/pretrain/last.ckpt" and config.layer == 3 and config.quantizer
+    assert config.encoder == "runs/demo/mutual_learning/last.ckpt" and config.layer == 3 and config.quantizer
 
 
 def test_wrong_stage_checkpoint_and_mismatched_units_are_one_line_errors(config, stages, tmp_path):

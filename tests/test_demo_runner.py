@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_audio, synthetic_face
 
-from av2av_lightning.av2av import load_source_clip, write_mp4
+from av2av_lightning.av2av import PipelineConfig, load_source_clip, write_mp4
 from av2av_lightning.transcribers import Recogniser
 from av2av_lightning.translate_cli import INDEX_NAME, iter_shard_clips
 from evaluation import av2av_eval, noise_sweep
@@ -190,7 +191,8 @@ def test_demo_stage_list_chains_outputs_to_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatch):
-    """MFCC targets -> pretraining -> units on the tiny corpus, with a few steps: the configs chain."""
+    """MFCC targets -> pretraining -> mutual learning -> units on the tiny corpus, with a few steps: the configs
+    chain, and the units come from the aligned encoder."""
     corpus, _ = tiny_corpus
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fit_args = [
@@ -205,14 +207,32 @@ def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatc
         "--data.num_workers",
         "0",
     ]
-    stages = demo_stages(corpus, tmp_path / "runs", fit_args, train="train-*.tar")[:3]
-    assert [stage.name for stage in stages] == ["targets", "pretrain", "units"]
+    chain = ("targets", "pretrain", "words", "mutual_learning", "units")
+    stages = [
+        stage for stage in demo_stages(corpus, tmp_path / "runs", fit_args, train="train-*.tar") if stage.name in chain
+    ]
+    assert [stage.name for stage in stages] == list(chain)
+    words = chain.index("words")  # the tiny corpus has one clip of each word
+    stages[words] = replace(stages[words], command=[*stages[words].command, "--min-count", "1"])
     readme = run(tmp_path, stages)
     assert all(path.exists() for stage in stages for path in stage.outputs)
     text = readme.read_text()
     assert "| targets | ran |" in text and "| units | ran |" in text
     assert "| pretrain | ran |" in text and "val/acc_masked_av" in text
+    assert "| mutual_learning | ran |" in text and "val/acc_video" in text
     assert (tmp_path / "report" / "curves.png").exists()
+
+
+def test_units_come_from_the_encoder_the_pipeline_translates_with(tmp_path):
+    """DESIGN.md's order: mutual learning aligns the encoder, then units are extracted from it; the pipeline must
+    quantize its input with that same encoder, or its units would not be the ones the translator learned."""
+    (tmp_path / "corpus").mkdir()
+    runs = tmp_path / "runs"
+    stages = {stage.name: stage for stage in demo_stages(tmp_path / "corpus", runs)}
+    units = stages["units"].command
+    aligned = runs / "mutual_learning" / "last.ckpt"
+    assert units[units.index("--checkpoint") + 1] == str(aligned) and aligned in stages["mutual_learning"].outputs
+    assert PipelineConfig.from_yaml(runs / "configs" / "pipeline.yaml").encoder == str(aligned)
 
 
 def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch):
