@@ -41,7 +41,7 @@ PIPELINE_CONFIG = Path("experiments/pipeline/tiny.yaml")  # the stage checkpoint
 DEFAULT_CORPUS, DEFAULT_RUNS = "data/demo", "runs/demo"
 TIMES_NAME = "stage_times.json"
 LOSS_COLUMNS = ("train/loss", "train/loss_g")  # the curve of a stage: its first logged column of these
-NOISE_SNRS = ("-20", "-5", "10")  # dB; 7 passes (clean + 2 noises x 3) of 2 batches of 34 word clips: under a minute
+NOISE_SNRS = ("-20", "-5", "10")  # dB; 7 passes (clean + 2 noises x 3) of 2 batches of test sentences
 NOISE_BATCHES = "2"
 CLIPS_DIR = "clips"  # REPORT/clips: the translated MP4s and their sources
 
@@ -107,7 +107,7 @@ def demo_stages(
     split = {
         s: f"{s}={sentences / (train if s == 'train' else f'{s}-*.tar')}" for s in ("train", "valid", "test_unseen")
     }
-    labels, units, words = runs / "labels" / "iter1", runs / "units" / "audio", runs / "words.txt"
+    labels, units = runs / "labels" / "iter1", runs / "units" / "audio"
     frame_units = runs / "units" / "audio_frames"
     pretrained = runs / "pretrain" / "last.ckpt"
     aligned = runs / "mutual_learning" / "last.ckpt"  # mutual learning: the recogniser and the units' encoder
@@ -124,19 +124,9 @@ def demo_stages(
     extract = ["extract", *layer, "--k", "50", "--out", str(units), "--shards", train_shards]
     frames = ["cluster", "layer", *layer, "--quantizer", str(units / "kmeans.npz"), "--out", str(frame_units)]
     sweep = [
-        "--checkpoint", str(aligned), "--shards", str(corpus / "words" / "test-*.tar"), "--out", str(noise),
+        "--checkpoint", str(aligned), "--shards", str(sentences / "test-*.tar"), "--out", str(noise),
         "--noises", "white", "babble", "--snrs", *NOISE_SNRS, "--max-batches", NOISE_BATCHES,
     ]  # fmt: skip
-    vocab = [
-        "vocab",
-        "words",
-        "--per-language",
-        "20",
-        "--out",
-        str(words),
-        "--shards",
-        str(corpus / "words" / "train-*.tar"),
-    ]
     spm = ["vocab", "spm", "--shards", train_shards, "--vocab-size", "256", "--out", str(pieces)]
     scorers = [
         "--transcriber", f"ctc:{transcriber}", "--speaker-encoder", str(runs / "speaker" / "last.ckpt"),
@@ -150,10 +140,10 @@ def demo_stages(
             [manifest],
         ),
         fit("pretrain", [manifest, labels / "train.km50.npz"], ("val/acc_masked_av", "val/loss")),
-        Stage("words", av2av(*vocab), [words], [manifest]),
-        fit("mutual_learning", [pretrained, words], ("val/acc_video", "val/acc_audio")),
+        Stage("spm", av2av(*spm), [pieces], [manifest]),
+        fit("mutual_learning", [pretrained, pieces], ("val/cer_video", "val/cer_audio")),
         Stage(
-            "noise",  # word accuracy for A, V and AV input with white and babble noise on the audio, per SNR
+            "noise",  # WER from A, V and AV input with white and babble noise on the audio, per SNR
             [sys.executable, "-m", "evaluation.noise_sweep", *sweep],
             [noise / f"noise_sweep.{ext}" for ext in ("md", "csv", "png")],
             [aligned],
@@ -176,7 +166,6 @@ def demo_stages(
             [aligned, units / "train.units.npz"],
         ),
         fit("face", [frame_units / "train.km50.npz", runs / "syncnet" / "last.ckpt"], ("val/psnr", "val/l1")),
-        Stage("spm", av2av(*spm), [pieces], [manifest]),
         fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
         Stage(
             "translate",  # a few unseen-speaker English clips into Spanish, as MP4s beside their sources

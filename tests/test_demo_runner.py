@@ -191,8 +191,8 @@ def test_demo_stage_list_chains_outputs_to_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatch):
-    """MFCC targets -> pretraining -> mutual learning -> units on the tiny corpus, with a few steps: the configs
-    chain, and the units come from the aligned encoder."""
+    """MFCC targets -> pretraining -> pieces -> mutual learning -> units on the tiny corpus, with a few steps: the
+    configs chain, and the units come from the aligned encoder."""
     corpus, _ = tiny_corpus
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fit_args = [
@@ -207,19 +207,19 @@ def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatc
         "--data.num_workers",
         "0",
     ]
-    chain = ("targets", "pretrain", "words", "mutual_learning", "units")
+    chain = ("targets", "pretrain", "spm", "mutual_learning", "units")
     stages = [
         stage for stage in demo_stages(corpus, tmp_path / "runs", fit_args, train="train-*.tar") if stage.name in chain
     ]
     assert [stage.name for stage in stages] == list(chain)
-    words = chain.index("words")  # the tiny corpus has one clip of each word
-    stages[words] = replace(stages[words], command=[*stages[words].command, "--min-count", "1"])
+    spm = chain.index("spm")  # the tiny corpus's 24 sentences hold fewer than the demo's 256 pieces
+    stages[spm] = replace(stages[spm], command=[*stages[spm].command, "--vocab-size", "60"])
     readme = run(tmp_path, stages)
     assert all(path.exists() for stage in stages for path in stage.outputs)
     text = readme.read_text()
     assert "| targets | ran |" in text and "| units | ran |" in text
     assert "| pretrain | ran |" in text and "val/acc_masked_av" in text
-    assert "| mutual_learning | ran |" in text and "val/acc_video" in text
+    assert "| mutual_learning | ran |" in text and "val/cer_video" in text
     assert (tmp_path / "report" / "curves.png").exists()
 
 
@@ -236,7 +236,7 @@ def test_units_come_from_the_encoder_the_pipeline_translates_with(tmp_path):
 
 
 def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch):
-    """After mutual learning: its checkpoint on the test word clips, A/V/AV, white and babble, SNRs in -20..10 dB,
+    """After mutual learning: its checkpoint on the test sentences, A/V/AV, white and babble, SNRs in -20..10 dB,
     a batch limit; the command parses as `evaluation.noise_sweep` would run it."""
     corpus, runs = tmp_path / "corpus", tmp_path / "runs"
     corpus.mkdir()
@@ -257,7 +257,7 @@ def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(noise_sweep, "load", load)
     assert noise_sweep.main(noise.command[3:]) == 2
     args = parsed[0]
-    assert args.checkpoint == checkpoint and args.shards == [str(corpus / "words" / "test-*.tar")]
+    assert args.checkpoint == checkpoint and args.shards == [str(corpus / "sentences" / "test-*.tar")]
     assert args.out == runs / "noise" and args.inputs is None  # every input it was trained on: A, V and AV
     assert sorted(args.noises) == ["babble", "white"]
     assert len(args.snrs) >= 3 and min(args.snrs) >= -20 and max(args.snrs) <= 10 and args.max_batches >= 1
