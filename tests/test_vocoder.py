@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from av2av_lightning import vocoder
 from av2av_lightning.checkpoints import STAGE_KEY
@@ -27,6 +28,7 @@ from av2av_lightning.speaker_encoding import SpeakerEncoderTraining
 from av2av_lightning.vocoder import PAD_UNIT, UnitVocoder, duration_targets, load_unit_vocoder
 
 NUM_UNITS = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -158,25 +160,47 @@ def _conv(cin: int, cout: int, kernel: int) -> int:
     return cin * cout * kernel + cout
 
 
-def test_published_generator_size():
-    """Conv weights and biases of the published unit HiFi-GAN generator (weight-norm gains add < 0.1%)."""
-    config = UnitHiFiGANConfig.preset("published")
-    expected, channels = _conv(128 + 128, 512, 7), 512
+def generator_size(config: UnitHiFiGANConfig) -> int:
+    """Conv weights and biases of the generator: input conv, upsampling, multi-receptive-field blocks, output."""
+    channels = config.initial_channels
+    expected = _conv(config.unit_dim + config.speaker_proj_dim, channels, 7)
     for kernel in config.upsample_kernels:
         expected += _conv(channels, channels // 2, kernel)
         channels //= 2
         expected += sum(2 * len(config.resblock_dilations) * _conv(channels, channels, k) for k in (3, 7, 11))
-    expected += _conv(channels, 1, 7)
+    return expected + _conv(channels, 1, 7)
+
+
+def generator_parameters(config: UnitHiFiGANConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UnitHiFiGAN(config).generator.parameters())
+
+
+def test_published_generator_size():
+    """Conv weights and biases of the published unit HiFi-GAN generator (weight-norm gains add < 0.1%)."""
+    config = UnitHiFiGANConfig.preset("published")
+    expected = generator_size(config)
     with torch.device("meta"):
         model = UnitHiFiGAN(config)
         discriminator = HiFiGANDiscriminator()
-    count = sum(p.numel() for p in model.generator.parameters())
+    count = generator_parameters(config)
     assert 13_000_000 < expected < 14_000_000
     assert abs(count - expected) / expected < 0.005, (count, expected)
     assert model.units.weight.shape == (1000, 128) and model.speaker_proj.weight.shape == (128, 256)
     # duration predictor: 2 convs (128 -> 128, k=3), 2 LayerNorms, linear head
     assert sum(p.numel() for p in model.duration.parameters()) == 2 * _conv(128, 128, 3) + 4 * 128 + 129
     assert sum(p.numel() for p in discriminator.parameters()) > 40_000_000  # MPD ~41 M + MSD ~29 M (HiFi-GAN)
+
+
+def test_single_gpu_config_is_hifigan_v2_width_with_published_discriminators():
+    """experiments/renderer/vocoder_gpu.yaml: a ~1 M-parameter generator (HiFi-GAN V2's 128 channels; V2 has
+    0.93 M with its 80-Mel input conv) trained against the published discriminators, from the first step."""
+    init = yaml.safe_load((ROOT / "experiments/renderer/vocoder_gpu.yaml").read_text())["model"]["init_args"]
+    config = UnitHiFiGANConfig.preset(init["preset"], **init["vocoder"])
+    expected = generator_size(config)
+    assert 950_000 < expected < 1_100_000
+    assert abs(generator_parameters(config) - expected) / expected < 0.005
+    assert config.discriminator_width == 1.0 and init["gan_start_step"] == 0
 
 
 class History(L.Callback):
