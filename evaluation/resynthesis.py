@@ -26,7 +26,12 @@ speaker of the split, as the manipulation directions use it. There, speaker simi
 (``similarity_own``) against every other speaker, the content's speaker included; PSNR / SSIM have no frame-aligned
 reference and are ``n/a``; LSE-C / LSE-D and the speech columns are scored as for the clip's own identity.
 
-One row per split and identity in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
+With ``--contents own rotated`` each row also gets a control: the clip's own units and durations rotated by half
+their length, so every frame is rendered from the units of another moment of the same clip (same units, same
+total length, same identity). A renderer that reads its units loses PSNR / SSIM (and the vocoder STOI) there; one
+that copies its identity frame does not.
+
+One row per split, identity and content in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
 of training (zero-shot), from the corpus manifest (``--manifest``, by default the one beside ``--sentences``).
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import sys
@@ -62,6 +68,7 @@ FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio 
 SPEECH_METRICS = ("stoi", "estoi", "pesq")
 SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
 IDENTITIES = ("own", "other")  # the clip's own speaker, or another speaker of the split
+CONTENTS = ("own", "rotated")  # the clip's units in place, or rotated by half their length (a control)
 
 Row = dict[str, Cell]
 
@@ -128,6 +135,13 @@ class SplitScores:
 
     def transcribes(self, lang: str) -> bool:
         return self.asr is not None and (self.asr_languages is None or lang in self.asr_languages)
+
+
+def rotate_half(units: list[int], durations: list[int]) -> tuple[list[int], list[int]]:
+    """De-duplicated units and their durations rotated by half their count: the same stream and length, each
+    frame given the units of another moment."""
+    half = len(units) // 2
+    return units[half:] + units[:half], durations[half:] + durations[:half]
 
 
 def own_vs_other(outputs: torch.Tensor, references: torch.Tensor, speakers: list[str]) -> dict[str, float]:
@@ -230,12 +244,15 @@ def evaluate_split(
     scorers: Scorers,
     limit: int | None,
     identity: str = "own",
+    content: str = "own",
 ) -> SplitScores:
     """Resynthesise and score the split's sentence clips (the first ``limit`` that have units), each with its own
     identity or with that of the most recent earlier clip of another speaker (a clip before any such is counted
-    in ``no_identity``)."""
+    in ``no_identity``), from its units in place or rotated by half (``content``)."""
     if identity not in IDENTITIES:
         raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
+    if content not in CONTENTS:
+        raise ValueError(f"content must be one of {', '.join(CONTENTS)}, got {content!r}")
     scores = SplitScores.build(scorers)
     latest: dict[str, tuple[SampleMeta, SourceClip]] = {}  # each speaker's most recent clip, oldest speaker first
     for meta, clip in iter_shard_clips(shards):
@@ -258,16 +275,19 @@ def evaluate_split(
                 scores.counts["no_identity"] += 1
                 continue
             donor = others[-1]
-        wave, face = resynthesize(pipeline, clip, *units.stream(meta.key, clip.num_frames), donor[1])
+        stream = units.stream(meta.key, clip.num_frames)
+        wave, face = resynthesize(pipeline, clip, *(rotate_half(*stream) if content == "rotated" else stream), donor[1])
         score_clip(scores, pipeline, clip, meta, wave, face, donor)
         scores.counts["clips"] += 1
     return scores
 
 
-def split_row(split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own") -> Row:
+def split_row(
+    split: str, kind: str, scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own", content: str = "own"
+) -> Row:
     """The split's row: counts, then every score (``n/a: why`` where it is not measured)."""
     counts = scores.counts
-    row: Row = {"split": split, "speakers": kind, "identity": identity, "clips": counts["clips"]}
+    row: Row = {"split": split, "speakers": kind, "identity": identity, "content": content, "clips": counts["clips"]}
     row |= {"no_identity": counts["no_identity"], "no_units": counts["no_units"], "undecodable": counts["undecodable"]}
     nothing = "n/a: no clip scored"
     speech = {k: float(v) for k, v in scores.speech.compute().items()}
@@ -340,14 +360,15 @@ def run(args: argparse.Namespace, pipeline: AV2AVPipeline, scorers: Scorers) -> 
     manifest = args.manifest if args.manifest is not None else args.sentences.parent / "manifest.json"
     rows = []
     for split, (shards, units) in inputs.items():
-        for identity in args.identities:
-            scores = evaluate_split(pipeline, shards, units, scorers, args.limit, identity)
+        for identity, content in itertools.product(args.identities, args.contents):
+            scores = evaluate_split(pipeline, shards, units, scorers, args.limit, identity, content)
             if not scores.counts["clips"]:
                 raise ValueError(
                     f"split {split!r}: no sentence clip with units (and, for identity {identity}, an earlier clip of "
                     f"another speaker) in {shards[0]} ... ({dict(scores.counts)})"
                 )
-            rows.append(split_row(split, speaker_kind(manifest, set(scores.speakers)), scores, pipeline, identity))
+            kind = speaker_kind(manifest, set(scores.speakers))
+            rows.append(split_row(split, kind, scores, pipeline, identity, content))
     return write_table(rows, args.out, TABLE)
 
 
@@ -392,6 +413,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=IDENTITIES,
         default=["own"],
         help="rows: the clip's own identity and/or another speaker's (cross-identity)",
+    )
+    parser.add_argument(
+        "--contents",
+        nargs="+",
+        choices=CONTENTS,
+        default=["own"],
+        help="rows: the clip's units in place and/or rotated by half their length (does the renderer use them?)",
     )
     parser.add_argument("--out", required=True, type=Path, help="folder of resynthesis.md / .csv")
     return parser.parse_args(argv)

@@ -160,6 +160,29 @@ def test_cross_identity_rows_speak_with_another_speaker(corpus, pipeline_yaml, c
     assert all(content != identity and not same for content, identity, same in speakers[4:8])
 
 
+def test_rotated_content_moves_each_clips_units_by_half(corpus, pipeline_yaml, config, scorers, tmp_path, monkeypatch):  # noqa: F811
+    pipeline = AV2AVPipeline(config)
+    streams = []  # (units, durations) each clip was resynthesised from
+    original = resynthesis.resynthesize
+
+    def recording(pipeline, clip, units, durations, identity):
+        streams.append((units, durations))
+        return original(pipeline, clip, units, durations, identity)
+
+    monkeypatch.setattr(resynthesis, "resynthesize", recording)
+    args = arguments(
+        corpus, pipeline_yaml, tmp_path, "--splits", "valid", "--limit", "3", "--contents", "own", "rotated"
+    )
+    resynthesis.run(args, pipeline, scorers)
+    rows = read_rows(tmp_path)
+    assert [(r["identity"], r["content"]) for r in rows] == [("own", "own"), ("own", "rotated")]
+    assert rows[0]["psnr"] != rows[1]["psnr"] and math.isfinite(float(rows[1]["psnr"]))
+    for (units, durations), (rotated, rotated_durations) in zip(streams[:3], streams[3:]):
+        half = len(units) // 2
+        assert rotated == units[half:] + units[:half] and rotated_durations == durations[half:] + durations[:half]
+        assert sum(rotated_durations) == sum(durations) and rotated != units
+
+
 def test_own_vs_other_compares_with_the_right_speakers():
     e = torch.eye(4)
     speakers = ["a", "a", "b", "b", "c"]
