@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import write_set
 
 from av2av_lightning.data.batching import AVBatch, bucket_batches, pack_by_budget
 from av2av_lightning.data.datamodule import AVDataLoader, AVDataModule
@@ -220,6 +221,19 @@ def test_train_epoch_has_fixed_length_on_every_rank(av_shards):
         assert epochs[0] != epochs[1]  # a new draw every epoch
         seen[rank] = epochs[0]
     assert seen[0] != seen[1]  # ranks draw different shards
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_training_never_reads_one_shard_twice_at_once(shards, tmp_path):
+    """Fewer shards than shards_in_parallel: one shard opened twice would be read in lockstep, and bucketing
+    packed its copies of a sample into one batch (a shard's whole first pass came out as repeated keys)."""
+    data = write_set(tmp_path, [10, 12, 14, 11, 13, 15, 9, 16] * shards, per_shard=8)
+    dm = AVDataModule(
+        train_shards=data.pattern, max_frames=40, train_batches_per_epoch=10, num_workers=0, buffer_size=8
+    )
+    dm.setup("fit")
+    keys = [key for batch in dm.train_dataloader() for key in batch.keys][: 8 * shards]
+    assert len(set(keys)) == len(keys) == 8 * shards  # the first cycle: every sample once
 
 
 def test_split_for_worker_is_exactly_once_and_balanced():

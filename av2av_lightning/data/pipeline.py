@@ -10,9 +10,12 @@ it with ``DataLoader(batch_size=None)``). Per DataLoader worker it runs
 Decoding after bucketing keeps only compressed bytes in the buffer, so the buffer can be
 large (good buckets) at little memory.
 
-**Training** (``train=True``): each (rank, worker) draws shards with replacement from its
-own generator (seed, epoch, rank, worker: the `wds.ResampledShards` idea), reads
-``shards_in_parallel`` shards interleaved, and yields *exactly* its share of
+**Training** (``train=True``): each (rank, worker) draws shards from its own generator
+(seed, epoch, rank, worker: the `wds.ResampledShards` idea) in a fresh random order per
+cycle, every shard once per cycle, reads up to ``shards_in_parallel`` of them interleaved
+(never more than there are shards: one shard opened twice at once would be read in
+lockstep, and bucketing would pack its copies of a sample into one batch), and yields
+*exactly* its share of
 ``batches_per_epoch`` (``len(dataset)``), so every rank gets the same number of batches
 whatever the number of workers. Global batch ``i`` of an epoch comes from worker
 ``i % num_workers`` (the DataLoader's round-robin), so a pass resumed after ``k`` batches
@@ -391,17 +394,20 @@ class AVShardDataset(IterableDataset):
         yield from wds.tarfile_samples([{"url": url}], handler=handler)
 
     def _resampled_urls(self, state: _State) -> Iterator[str]:
+        """Every shard once per cycle, in a new random order each cycle, for ever."""
         while True:
-            yield self.urls[int(state.rng.integers(0, len(self.urls)))]
+            for index in state.rng.permutation(len(self.urls)):
+                yield self.urls[int(index)]
 
     def _interleaved(self, urls: Iterator[str], state: _State) -> Iterator[_Pending]:
-        """Round-robin over ``shards_in_parallel`` open shards; a finished shard is replaced by the next URL."""
+        """Round-robin over ``shards_in_parallel`` open shards (at most one per shard); a finished shard is
+        replaced by the next URL."""
         limit = max(20, 3 * len(self.urls), 2 * self.shards_in_parallel)
         opened_at_last_sample = 0
         streams = []
         for url in urls:
             streams.append((url, self._read_shard(url, state)))
-            if len(streams) >= self.shards_in_parallel:
+            if len(streams) >= min(self.shards_in_parallel, len(self.urls)):
                 break
         while streams:
             for index in range(len(streams)):
