@@ -3,7 +3,9 @@
 A training step draws ``windows_per_clip`` windows of 5 consecutive frames per clip; every frame is generated from
 itself with the lower half masked, a reference frame drawn from anywhere in the same clip (so the lips must come
 from the units, not from the reference) and the window of units around it. The loss is the mean L1 to the real
-frames plus ``sync_weight`` times the BCE of the frozen SyncNet expert (`load_sync_expert`) scoring the generated
+frames plus ``mouth_weight`` times the mean L1 over the mouth box of the aligned crop (the lips are under 1 % of
+the pixels, so whole-face L1 barely rewards them: trained on L1 alone, the renderer draws the same mouth whatever
+its units, see ``evaluation.resynthesis --contents own rotated``) plus ``sync_weight`` times the BCE of the frozen SyncNet expert (`load_sync_expert`) scoring the generated
 windows against their audio as in sync, as Wav2Lip does (``sync_weight=0`` trains on L1 alone and needs no expert),
 plus, with ``adversarial_weight > 0``, a GAN loss from a patch discriminator on the lower half, trained in the same
 step on the detached output (manual optimisation, one optimiser each).
@@ -51,6 +53,7 @@ from av2av_lightning.sync_expert import load_sync_expert
 
 STAGE = "face_rendering"
 GRID_FRAMES = 8
+MOUTH_BOX = (56, 84, 28, 68)  # rows top..bottom, columns left..right of the lips and jaw in an aligned 96x96 face
 DISCRIMINATOR = [32, 64, 128, 256]
 
 __all__ = ["STAGE", "FaceRendering", "gan_loss", "load_face_renderer"]
@@ -70,6 +73,8 @@ class FaceRendering(L.LightningModule):
         units: name of the unit sidecar in ``batch.labels``.
         unit_rate: rate of those units in Hz, 25 or 50 (25 Hz units are repeated to 50 Hz).
         windows_per_clip: 5-frame windows drawn per clip and training step.
+        mouth_weight: weight of an extra L1 over ``mouth_box`` (0: whole-face L1 alone, as Wav2Lip).
+        mouth_box: ``(top, bottom, left, right)`` pixel bounds of the mouth in the aligned face crop.
         sync_weight: weight of the expert's sync loss (0: L1 only).
         expert: path of a `SyncExpertTraining` checkpoint; required when ``sync_weight > 0``.
         adversarial_weight: weight of the non-saturating GAN loss of a patch discriminator on the lower half (0: none).
@@ -87,6 +92,8 @@ class FaceRendering(L.LightningModule):
         units: str = "units",
         unit_rate: float = 50.0,
         windows_per_clip: int = 2,
+        mouth_weight: float = 0.0,
+        mouth_box: tuple[int, int, int, int] = MOUTH_BOX,
         sync_weight: float = 0.0,
         expert: str | None = None,
         adversarial_weight: float = 0.0,
@@ -106,6 +113,11 @@ class FaceRendering(L.LightningModule):
             raise ValueError(f"adversarial_weight must be >= 0, got {adversarial_weight}")
         if sync_weight < 0:
             raise ValueError(f"sync_weight must be >= 0, got {sync_weight}")
+        if mouth_weight < 0:
+            raise ValueError(f"mouth_weight must be >= 0, got {mouth_weight}")
+        top, bottom, left, right = mouth_box
+        if not (0 <= top < bottom <= FACE_SIZE and 0 <= left < right <= FACE_SIZE):
+            raise ValueError(f"mouth_box {tuple(mouth_box)} must be (top, bottom, left, right) inside {FACE_SIZE} px")
         if sync_weight > 0 and expert is None:
             raise ValueError(f"sync_weight {sync_weight} needs an expert checkpoint (the expert argument)")
         self.config = FaceRendererConfig.preset(preset, **(renderer or {}))
@@ -116,6 +128,7 @@ class FaceRendering(L.LightningModule):
         self.psnr = VideoPSNR(data_range=1.0)
         self.ssim = VideoSSIM(data_range=1.0)
         self.val_l1 = MeanMetric()
+        self.val_mouth_l1 = MeanMetric()
 
     @staticmethod
     def _frozen_expert(path: str) -> SyncNet:
@@ -167,6 +180,11 @@ class FaceRendering(L.LightningModule):
         )
         return flat.reshape(shape)
 
+    def mouth_l1(self, generated: Tensor, target: Tensor) -> Tensor:
+        """Mean L1 over the mouth box of faces ``[..., 3, 96, 96]``."""
+        top, bottom, left, right = self.hparams.mouth_box
+        return F.l1_loss(generated[..., top:bottom, left:right], target[..., top:bottom, left:right])
+
     def sample_windows(self, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(clip [N], frames [N, 5], reference frames [N, 5])`` for ``windows_per_clip`` windows of each clip."""
         clips, frames, references = [], [], []
@@ -208,9 +226,9 @@ class FaceRendering(L.LightningModule):
             opt_d[0].step()
             sched_d[0].step()
             logs["train/loss_d"] = loss_d
-        l1 = F.l1_loss(generated, target)
-        loss = l1
-        logs["train/l1"] = l1
+        l1, mouth = F.l1_loss(generated, target), self.mouth_l1(generated, target)
+        loss = l1 + self.hparams.mouth_weight * mouth
+        logs |= {"train/l1": l1, "train/mouth_l1": mouth}
         if self.hparams.sync_weight > 0:
             sync = self.sync_loss(generated, batch, clip, frames[:, 0])
             loss = loss + self.hparams.sync_weight * sync
@@ -234,6 +252,7 @@ class FaceRendering(L.LightningModule):
             faces = batch.face[index, :length]
             generated = self.render(faces, faces[:1].expand_as(faces), windows[index, :length])
             self.val_l1.update(F.l1_loss(generated, faces), length)
+            self.val_mouth_l1.update(self.mouth_l1(generated, faces), length)
             pick = self.quality_frames(length)
             self.psnr.update([generated[pick].permute(0, 2, 3, 1)], [faces[pick].permute(0, 2, 3, 1)])
             self.ssim.update([generated[pick].permute(0, 2, 3, 1)], [faces[pick].permute(0, 2, 3, 1)])
@@ -242,6 +261,7 @@ class FaceRendering(L.LightningModule):
                 row = {"key": batch.keys[index], "generated": generated, "reference": faces}
                 log_media_table(self.trainer, "val/videos", [row])
         self.log("val/l1", self.val_l1, batch_size=len(batch))
+        self.log("val/mouth_l1", self.val_mouth_l1, batch_size=len(batch))
 
     def quality_frames(self, length: int) -> Tensor:
         """Indices of the frames PSNR/SSIM score: ``quality_frames`` evenly spaced ones, or all (None)."""

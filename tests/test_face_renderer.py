@@ -76,6 +76,22 @@ def test_renderer_output_shape_range_and_face_size_error():
     assert "\n" not in str(error.value)
 
 
+def test_unit_modulation_starts_as_the_plain_renderer_and_then_follows_the_units():
+    torch.manual_seed(0)
+    plain = FaceRenderer(FaceRendererConfig.preset("tiny", **SMALL)).eval()
+    modulated = FaceRenderer(FaceRendererConfig.preset("tiny", **SMALL, unit_modulation=True)).eval()
+    missing, unexpected = modulated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("modulation.") for key in missing)
+    faces, units = torch.rand(3, 3, 96, 96), torch.randint(0, 32, (3, 20))
+    with torch.no_grad():
+        assert torch.equal(modulated(mask_lower_half(faces), faces, units), plain(mask_lower_half(faces), faces, units))
+        for film in modulated.modulation:  # what training does to the zero-initialised layers
+            film.weight.normal_(0, 0.1)
+        own = modulated(mask_lower_half(faces), faces, units)
+        other = modulated(mask_lower_half(faces), faces, (units + 1) % 32)
+    assert (own - other).abs().max() > 1e-3
+
+
 def _conv(cin: int, cout: int, kernel: int, norm: bool = True) -> int:
     return kernel * kernel * cin * cout + cout + (2 * cout if norm else 0)
 
@@ -179,6 +195,26 @@ def test_adversarial_loss_trains_renderer_and_discriminator(cpu_trainer):
     assert FaceRendering(renderer=SMALL).discriminator is None
     with pytest.raises(ValueError, match="adversarial_weight"):
         FaceRendering(adversarial_weight=-1.0)
+
+
+def test_mouth_loss_scores_the_mouth_box_alone_and_trains_the_renderer(cpu_trainer):
+    rendering = FaceRendering(renderer=SMALL, mouth_weight=10.0, mouth_box=(56, 84, 28, 68), warmup_steps=0)
+    faces = torch.zeros(2, 3, 96, 96)
+    outside, inside = faces.clone(), faces.clone()
+    outside[..., :56, :] = 1.0  # everything above the box
+    inside[..., 60:70, 30:50] = 1.0  # 200 of the box's 28 x 40 pixels
+    assert float(rendering.mouth_l1(outside, faces)) == 0.0
+    assert float(rendering.mouth_l1(inside, faces)) == pytest.approx(200 / (28 * 40))
+    batches = [batch_with_units(2, 12, torch.randint(0, 32, (2, 24))) for _ in range(2)]
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(rendering, DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
+    metrics = trainer.callback_metrics
+    expected = metrics["train/l1"] + 10.0 * metrics["train/mouth_l1"]
+    assert float(metrics["train/loss"]) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match=r"mouth_box \(50, 40, 0, 96\) must be \(top, bottom, left, right\)"):
+        FaceRendering(mouth_box=(50, 40, 0, 96))
+    with pytest.raises(ValueError, match="mouth_weight"):
+        FaceRendering(mouth_weight=-1.0)
 
 
 def energy_units(wave: torch.Tensor, bins: int = 32) -> np.ndarray:

@@ -7,6 +7,13 @@ stage, and its bottleneck input is a per-frame code of the units around the fram
 window of ``2 * window`` units (50 Hz, 2 units per frame: ``window=10`` gives AV2AV's 20 units, 0.4 s, centred on
 the frame), one pre-LN Transformer layer and a mean over the window. The published preset has Wav2Lip's face
 encoder/decoder widths with a 1000 x 512 unit embedding in place of its audio encoder (~37 M parameters).
+
+With ``unit_modulation`` the unit code also scales and shifts every decoder stage's features (FiLM, zero-initialised
+so training starts from the plain model). Entering at the 1x1 bottleneck alone, the code gets about a thousandth of
+the encoder's gradient, and a renderer trained for minutes draws the same mouth whatever its units; modulation
+gives the code a path to the 24-96 px stages where the lips are drawn. Measured on the demo corpus (600 steps,
+``mouth_weight`` 10): the mouth then depends on the units (mouth-box L1 0.037, 0.048 with every unit replaced by
+padding; without modulation 0.0340 either way) but hardly yet on their timing (0.037 with the units rotated in time).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class FaceRendererConfig:
     heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.1
+    unit_modulation: bool = False  # FiLM of every decoder stage by the unit code
 
     def __post_init__(self) -> None:
         for name in ("encoder_channels", "encoder_blocks", "decoder_channels", "decoder_blocks"):
@@ -167,6 +175,12 @@ class FaceRenderer(nn.Module):
         ups = [ConvBlock(inputs[0], dec[0], 3, 1, 0, output_padding=0)]  # 1 -> 3
         ups += [ConvBlock(inputs[i], dec[i], 3, 2, 1, output_padding=1) for i in range(1, 6)]  # doubling to 96
         self.decoder = nn.ModuleList(_stage(u, w, n) for u, w, n in zip(ups, dec, config.decoder_blocks))
+        self.modulation = (
+            nn.ModuleList(nn.Linear(config.unit_dim, 2 * w) for w in dec) if config.unit_modulation else None
+        )
+        for film in self.modulation or ():
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
         self.output = nn.Sequential(
             ConvBlock(dec[5] + skips[6], config.output_channels, 3, 1, 1), nn.Conv2d(config.output_channels, 3, 1)
         )
@@ -185,9 +199,13 @@ class FaceRenderer(nn.Module):
             x = stage(x)
             skips.append(x)
         skips[-1] = self.bottleneck(skips[-1])
-        x = self.unit_proj(self.conditioner(windows)[:, :, None, None])
-        for stage, skip in zip(self.decoder, skips[::-1]):
+        code = self.conditioner(windows)
+        x = self.unit_proj(code[:, :, None, None])
+        for index, (stage, skip) in enumerate(zip(self.decoder, skips[::-1])):
             x = stage(torch.cat([x, skip], dim=1))
+            if self.modulation is not None:
+                scale, shift = self.modulation[index](code)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1 + scale) + shift
         return torch.sigmoid(self.output(torch.cat([x, skips[0]], dim=1)))
 
 
