@@ -12,8 +12,9 @@ With ``unit_modulation`` the unit code also scales and shifts every decoder stag
 so training starts from the plain model). Entering at the 1x1 bottleneck alone, the code gets about a thousandth of
 the encoder's gradient, and a renderer trained for minutes draws the same mouth whatever its units; modulation
 gives the code a path to the 24-96 px stages where the lips are drawn. Measured on the demo corpus (600 steps,
-``mouth_weight`` 10): the mouth then depends on the units (mouth-box L1 0.037, 0.048 with every unit replaced by
-padding; without modulation 0.0340 either way) but hardly yet on their timing (0.037 with the units rotated in time).
+``mouth_weight`` 10, held-out speakers): the mouth then depends on the units (mouth-box L1 0.037, 0.048 with every
+unit replaced by padding; without modulation 0.047 either way) but hardly yet on their timing (0.037 with the units
+rotated in time).
 """
 
 from __future__ import annotations
