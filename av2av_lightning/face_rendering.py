@@ -4,11 +4,12 @@ A training step draws ``windows_per_clip`` windows of 5 consecutive frames per c
 itself with the lower half masked, a reference frame drawn from anywhere in the same clip (so the lips must come
 from the units, not from the reference) and the window of units around it. The loss is the mean L1 to the real
 frames plus ``mouth_weight`` times the mean L1 over the mouth box of the aligned crop (the lips are under 1 % of
-the pixels, so whole-face L1 barely rewards them: trained on L1 alone, the renderer draws the same mouth whatever
-its units, see ``evaluation.resynthesis --contents own rotated``) plus ``sync_weight`` times the BCE of the frozen SyncNet expert (`load_sync_expert`) scoring the generated
-windows against their audio as in sync, as Wav2Lip does (``sync_weight=0`` trains on L1 alone and needs no expert),
-plus, with ``adversarial_weight > 0``, a GAN loss from a patch discriminator on the lower half, trained in the same
-step on the detached output (manual optimisation, one optimiser each).
+the pixels, so whole-face L1 barely rewards them: after 600 demo steps on L1 alone, the renderer draws the same
+mouth whatever its units, see ``evaluation.resynthesis --contents own rotated``) plus ``sync_weight`` times the
+BCE of the frozen SyncNet expert (`load_sync_expert`) scoring the generated windows against their audio as in
+sync, as Wav2Lip does (``sync_weight=0`` trains on L1 alone and needs no expert), plus, with
+``adversarial_weight > 0``, a GAN loss from a patch discriminator on the lower half, trained in the same step on
+the detached output (manual optimisation, one optimiser each).
 
 Units come from the sidecar named by ``units``; at ``unit_rate`` 25 Hz each unit is repeated to the 50 Hz the
 renderer reads (2 per frame). Validation renders every frame of every clip from its first frame as the
