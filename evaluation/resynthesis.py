@@ -249,10 +249,9 @@ def evaluate_split(
     """Resynthesise and score the split's sentence clips (the first ``limit`` that have units), each with its own
     identity or with that of the most recent earlier clip of another speaker (a clip before any such is counted
     in ``no_identity``), from its units in place or rotated by half (``content``)."""
-    if identity not in IDENTITIES:
-        raise ValueError(f"identity must be one of {', '.join(IDENTITIES)}, got {identity!r}")
-    if content not in CONTENTS:
-        raise ValueError(f"content must be one of {', '.join(CONTENTS)}, got {content!r}")
+    for name, value, choices in (("identity", identity, IDENTITIES), ("content", content, CONTENTS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     scores = SplitScores.build(scorers)
     latest: dict[str, tuple[SampleMeta, SourceClip]] = {}  # each speaker's most recent clip, oldest speaker first
     for meta, clip in iter_shard_clips(shards):
@@ -407,20 +406,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--transcriber", help="'ctc:CHECKPOINT' or 'whisper:MODEL_DIR': WER of the speech")
     parser.add_argument("--manifest", type=Path, help="corpus manifest (held-out speakers); default: beside shards")
     parser.add_argument("--limit", type=int, help="at most this many clips per split")
-    parser.add_argument(
-        "--identities",
-        nargs="+",
-        choices=IDENTITIES,
-        default=["own"],
-        help="rows: the clip's own identity and/or another speaker's (cross-identity)",
-    )
-    parser.add_argument(
-        "--contents",
-        nargs="+",
-        choices=CONTENTS,
-        default=["own"],
-        help="rows: the clip's units in place and/or rotated by half their length (does the renderer use them?)",
-    )
+    for flag, choices, meaning in (
+        ("--identities", IDENTITIES, "the clip's own identity and/or another speaker's (cross-identity)"),
+        ("--contents", CONTENTS, "the clip's units in place and/or rotated by half their length (a control)"),
+    ):
+        parser.add_argument(flag, nargs="+", choices=choices, default=["own"], help=f"rows: {meaning}")
     parser.add_argument("--out", required=True, type=Path, help="folder of resynthesis.md / .csv")
     return parser.parse_args(argv)
 

@@ -236,3 +236,10 @@ def test_bad_input_is_a_one_line_error(corpus, pipeline_yaml, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "resynthesis.csv").exists()
+
+
+def test_unknown_identity_or_content_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^identity must be one of own, other, got 'mine'$"):
+        resynthesis.evaluate_split(None, [], None, None, None, identity="mine")
+    with pytest.raises(ValueError, match=r"^content must be one of own, rotated, got 'shifted'$"):
+        resynthesis.evaluate_split(None, [], None, None, None, content="shifted")
