@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from av2av_lightning.checkpoints import STAGE_KEY, load_avhubert
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
+from av2av_lightning.distributed import refuse_layerdrop_under_plain_ddp
 from av2av_lightning.face_rendering import load_face_renderer
 from av2av_lightning.metrics import CharErrorRate, WordAccuracy, WordErrorRate
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
@@ -168,8 +169,10 @@ class CrossModalMutualLearning(L.LightningModule):
         return self
 
     def on_fit_start(self) -> None:
-        """A fresh run (not a resumed one, whose basis comes from its checkpoint) with ``codebook_init: kmeans``
-        starts the basis at cluster means of encoder features; every rank takes rank 0's."""
+        """Refuse LayerDrop that DDP cannot train. A fresh run (not a resumed one, whose basis comes from its
+        checkpoint) with ``codebook_init: kmeans`` starts the basis at cluster means of encoder features; every rank
+        takes rank 0's."""
+        refuse_layerdrop_under_plain_ddp(self.trainer, self)
         if self.codebook is None or self.hparams.codebook_init != "kmeans" or self.trainer.ckpt_path is not None:
             return
         basis = kmeans_basis(self.training_features(), len(self.codebook.basis), seed=torch.initial_seed() % 2**31)

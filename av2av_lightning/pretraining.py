@@ -22,6 +22,7 @@ from av2av_lightning.checkpoints import STAGE_KEY
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.data.schema import VIDEO_FPS
 from av2av_lightning.data.sidecar import expect_rates
+from av2av_lightning.distributed import refuse_layerdrop_under_plain_ddp
 from av2av_lightning.models.avhubert import AVHubert, AVHubertConfig
 from av2av_lightning.optim import stage_optimizer
 
@@ -77,6 +78,9 @@ class AVHubertPretraining(L.LightningModule):
         sidecars = getattr(self.trainer.datamodule, "sidecars", None) or {}
         rates = dict.fromkeys(self.labels, self.hparams.label_rate)
         expect_rates(sidecars, rates, f"pretraining (label_rate {self.hparams.label_rate:g})")
+
+    def on_fit_start(self) -> None:
+        refuse_layerdrop_under_plain_ddp(self.trainer, self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the stage and the resolved architecture, so later stages can rebuild the encoder alone."""

@@ -170,15 +170,20 @@ def config(corpus_labels, out: Path, encoder: dict, **trainer) -> dict:
     }
 
 
+def fit(settings: dict, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``av2av fit`` of ``settings`` (written to ``out/config.yaml``) in a subprocess, as a cluster launches it."""
+    (out / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "av2av_lightning", "fit", "--config", str(out / "config.yaml"), *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
 def launch(settings: dict, out: Path, freeze_batchnorm: bool, *overrides: str) -> list[dict]:
     """``av2av fit`` under DDP with a `RankRecorder`; the records of rank 0 and rank 1."""
     recorder = {"class_path": "tests.test_ddp.RankRecorder", "init_args": {"out": str(out)}}
     recorder["init_args"]["freeze_batchnorm"] = freeze_batchnorm
     settings["trainer"]["callbacks"] = [recorder]
-    (out / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(settings))
-    command = [sys.executable, "-m", "av2av_lightning", "fit", "--config", str(out / "config.yaml"), *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = fit(settings, out, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -208,6 +213,21 @@ def test_ddp_ranks_split_batches_and_samples_and_sync_metrics(corpus_labels, tmp
     for record in ranks:
         assert record["logged"]["val/acc_masked_av"] == pytest.approx(correct / frames, abs=1e-6)
         assert record["logged"]["val/loss"] == ranks[0]["logged"]["val/loss"]
+
+
+@pytest.mark.slow
+def test_layerdrop_under_plain_ddp_is_refused_and_trains_with_unused_parameters(corpus_labels, tmp_path):
+    """At LayerDrop 0.5 the ranks' draws soon differ: plain "ddp" would wait for ever for the skipped layer's
+    gradients, so the fit stops at its start with a one-line error; with unused-parameter detection it trains."""
+    settings = config(corpus_labels, tmp_path, {"layerdrop": 0.5}, max_steps=6, limit_val_batches=0)
+    refused = fit(settings, tmp_path / "ddp")
+    assert refused.returncode != 0
+    assert "model.encoder has layerdrop 0.5, which plain DDP cannot train" in refused.stderr
+    assert "use strategy ddp_find_unused_parameters_true, or layerdrop 0" in refused.stderr
+
+    settings["trainer"]["strategy"] = "ddp_find_unused_parameters_true"
+    ranks = launch(settings, tmp_path / "unused", False)
+    assert [r["train_batches"] for r in ranks] == [[3, 3], [3, 3]]
 
 
 def concatenate(batches: list[dict]) -> SimpleNamespace:
