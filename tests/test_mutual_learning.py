@@ -112,6 +112,8 @@ def test_bad_settings_are_one_line_errors(word_list):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_ling=1.0)
     with pytest.raises(ValueError, match="codebook_size > 0"):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, lambda_diversity=1.0)
+    with pytest.raises(ValueError, match="codebook_size > 0"):
+        CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_residual=True)
     with pytest.raises(ValueError, match="needs a word list"):
         CrossModalMutualLearning(encoder=SMALL)
     with pytest.raises(ValueError, match="unknown task"):
@@ -120,6 +122,18 @@ def test_bad_settings_are_one_line_errors(word_list):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, modalities=["audio", "audio"])
     with pytest.raises(ValueError, match="set modalities to audio and video"):
         CrossModalMutualLearning(words=str(word_list), encoder=SMALL, modalities=["audio"], lambda_pred=1.0)
+
+
+def test_residual_codebook_adds_the_rebuilt_features_and_with_a_zero_basis_is_the_baseline(word_list):
+    torch.manual_seed(0)
+    module = CrossModalMutualLearning(words=str(word_list), encoder=SMALL, codebook_size=8, codebook_residual=True)
+    features = torch.randn(2, 5, SMALL["embed_dim"])
+    rebuilt, log_weights = module.codebook(features)
+    head_input, weights_seen = module.rebuild(features)
+    assert torch.equal(head_input, features + rebuilt) and torch.equal(weights_seen, log_weights)
+    with torch.no_grad():
+        module.codebook.basis.zero_()
+    assert torch.equal(module.rebuild(features)[0], features)  # what the baseline's head sees
 
 
 def test_kmeans_codebook_starts_at_the_training_features_and_a_resumed_run_keeps_its_basis(
