@@ -165,7 +165,7 @@ def demo_stages(
             [frame_units / "train.km50.npz", frame_units / "test_unseen.km50.npz"],
             [aligned, units / "train.units.npz"],
         ),
-        fit("face", [frame_units / "train.km50.npz", runs / "syncnet" / "last.ckpt"], ("val/psnr", "val/l1")),
+        fit("face", [frame_units / "train.km50.npz"], ("val/psnr", "val/l1")),
         fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
         Stage(
             "translate",  # a few unseen-speaker English clips into Spanish, as MP4s beside their sources
