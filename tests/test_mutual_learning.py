@@ -387,6 +387,7 @@ def test_ablation_configs_build_the_published_rows(delta, word_list, face_render
         args["renderer"] = str(face_renderer)
     module = CrossModalMutualLearning(**args)
     assert (module.codebook is None) == (delta == "baseline")
+    assert module.hparams.codebook_residual == (delta != "baseline")
     assert module.hparams.lambda_ling == row["lambda_ling"]
     assert (module.renderer is not None) == (delta == "full_rec")
     assert delta_config.get("data", {}).get("load_face", False) == (delta == "full_rec")
