@@ -17,8 +17,9 @@ def refuse_layerdrop_under_plain_ddp(trainer: L.Trainer, module: L.LightningModu
     if trainer.world_size < 2 or not isinstance(wrapped, DistributedDataParallel) or wrapped.find_unused_parameters:
         return
     for name, layer in module.named_modules():
-        trained = any(p.requires_grad for p in layer.parameters())
-        if isinstance(layer, TransformerEncoder) and layer.layerdrop > 0 and trained:
+        if not isinstance(layer, TransformerEncoder) or layer.layerdrop == 0:
+            continue
+        if any(p.requires_grad for p in layer.parameters()):
             raise ValueError(
                 f"{name} has layerdrop {layer.layerdrop:g}, which plain DDP cannot train (a layer skipped on one "
                 "rank only leaves the others waiting for its gradients for ever): use strategy "

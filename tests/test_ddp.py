@@ -190,9 +190,7 @@ def launch(settings: dict, out: Path, freeze_batchnorm: bool, *overrides: str) -
 
 @pytest.mark.slow
 def test_ddp_ranks_split_batches_and_samples_and_sync_metrics(corpus_labels, tmp_path):
-    # no LayerDrop, as in experiments/pretrain/tiny.yaml: once the ranks' random streams differ (their masks draw
-    # per frame), a layer skipped on one rank only leaves plain "ddp" waiting for its gradients for ever
-    # (base/large use ddp_find_unused_parameters_true instead)
+    # no LayerDrop, as in experiments/pretrain/tiny.yaml: plain "ddp" refuses it (the next test)
     encoder = {"mask_prob_audio": 0.3, "mask_prob_image": 0.3, "layerdrop": 0.0}
     settings = config(corpus_labels, tmp_path, encoder, max_epochs=2)
     ranks = launch(settings, tmp_path, False, f"--model.init_args.lr={SWEPT_LR}")
