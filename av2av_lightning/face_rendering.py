@@ -74,7 +74,9 @@ class FaceRendering(L.LightningModule):
         units: name of the unit sidecar in ``batch.labels``.
         unit_rate: rate of those units in Hz, 25 or 50 (25 Hz units are repeated to 50 Hz).
         windows_per_clip: 5-frame windows drawn per clip and training step.
-        mouth_weight: weight of an extra L1 over ``mouth_box`` (0: whole-face L1 alone, as Wav2Lip).
+        mouth_weight: weight of an extra loss over ``mouth_box`` (0: whole-face L1 alone, as Wav2Lip).
+        mouth_loss: ``l1``, or ``l2`` (squared error): where the units say the mouth is open only some of the time,
+            L1's optimum is the median (a closed mouth) and squared error's the mean, which moves with the units.
         mouth_box: ``(top, bottom, left, right)`` pixel bounds of the mouth in the aligned face crop.
         sync_weight: weight of the expert's sync loss (0: L1 only).
         expert: path of a `SyncExpertTraining` checkpoint; required when ``sync_weight > 0``.
@@ -94,6 +96,7 @@ class FaceRendering(L.LightningModule):
         unit_rate: float = 50.0,
         windows_per_clip: int = 2,
         mouth_weight: float = 0.0,
+        mouth_loss: str = "l1",
         mouth_box: tuple[int, int, int, int] = MOUTH_BOX,
         sync_weight: float = 0.0,
         expert: str | None = None,
@@ -116,6 +119,8 @@ class FaceRendering(L.LightningModule):
             raise ValueError(f"sync_weight must be >= 0, got {sync_weight}")
         if mouth_weight < 0:
             raise ValueError(f"mouth_weight must be >= 0, got {mouth_weight}")
+        if mouth_loss not in ("l1", "l2"):
+            raise ValueError(f"mouth_loss must be 'l1' or 'l2', got {mouth_loss!r}")
         top, bottom, left, right = mouth_box
         if not (0 <= top < bottom <= FACE_SIZE and 0 <= left < right <= FACE_SIZE):
             raise ValueError(f"mouth_box {tuple(mouth_box)} must be (top, bottom, left, right) inside {FACE_SIZE} px")
@@ -181,10 +186,11 @@ class FaceRendering(L.LightningModule):
         )
         return flat.reshape(shape)
 
-    def mouth_l1(self, generated: Tensor, target: Tensor) -> Tensor:
-        """Mean L1 over the mouth box of faces ``[..., 3, 96, 96]``."""
+    def mouth_error(self, generated: Tensor, target: Tensor, squared: bool = False) -> Tensor:
+        """Mean L1 (``squared``: squared error) over the mouth box of faces ``[..., 3, 96, 96]``."""
         top, bottom, left, right = self.hparams.mouth_box
-        return F.l1_loss(generated[..., top:bottom, left:right], target[..., top:bottom, left:right])
+        error = F.mse_loss if squared else F.l1_loss
+        return error(generated[..., top:bottom, left:right], target[..., top:bottom, left:right])
 
     def sample_windows(self, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(clip [N], frames [N, 5], reference frames [N, 5])`` for ``windows_per_clip`` windows of each clip."""
@@ -227,8 +233,9 @@ class FaceRendering(L.LightningModule):
             opt_d[0].step()
             sched_d[0].step()
             logs["train/loss_d"] = loss_d
-        l1, mouth = F.l1_loss(generated, target), self.mouth_l1(generated, target)
-        loss = l1 + self.hparams.mouth_weight * mouth
+        l1, mouth = F.l1_loss(generated, target), self.mouth_error(generated, target)
+        squared = self.hparams.mouth_loss == "l2"
+        loss = l1 + self.hparams.mouth_weight * (self.mouth_error(generated, target, squared) if squared else mouth)
         logs |= {"train/l1": l1, "train/mouth_l1": mouth}
         if self.hparams.sync_weight > 0:
             sync = self.sync_loss(generated, batch, clip, frames[:, 0])
@@ -253,7 +260,7 @@ class FaceRendering(L.LightningModule):
             faces = batch.face[index, :length]
             generated = self.render(faces, faces[:1].expand_as(faces), windows[index, :length])
             self.val_l1.update(F.l1_loss(generated, faces), length)
-            self.val_mouth_l1.update(self.mouth_l1(generated, faces), length)
+            self.val_mouth_l1.update(self.mouth_error(generated, faces), length)
             pick = self.quality_frames(length)
             self.psnr.update([generated[pick].permute(0, 2, 3, 1)], [faces[pick].permute(0, 2, 3, 1)])
             self.ssim.update([generated[pick].permute(0, 2, 3, 1)], [faces[pick].permute(0, 2, 3, 1)])

@@ -92,6 +92,41 @@ def test_unit_modulation_starts_as_the_plain_renderer_and_then_follows_the_units
     assert (own - other).abs().max() > 1e-3
 
 
+def test_keep_upper_half_returns_the_given_upper_half_exactly():
+    model = FaceRenderer(FaceRendererConfig.preset("tiny", **SMALL, keep_upper_half=True)).eval()
+    faces, reference = torch.rand(3, 3, 96, 96), torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        out = model(mask_lower_half(faces), reference, torch.randint(0, 32, (3, 20)))
+    assert torch.equal(out[..., :48, :], faces[..., :48, :])
+    assert not torch.allclose(out[..., 48:, :], faces[..., 48:, :], atol=0.05)  # the lower half is drawn
+
+
+def test_over_reference_starts_as_a_copy_of_the_reference_and_then_edits_it():
+    torch.manual_seed(0)
+    model = FaceRenderer(FaceRendererConfig.preset("tiny", **SMALL, over_reference=True)).eval()
+    faces, reference = torch.rand(3, 3, 96, 96), torch.rand(3, 3, 96, 96) * 0.98 + 0.01
+    units = torch.randint(0, 32, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(mask_lower_half(faces), reference, units), reference)
+        model.output[-1].weight.normal_(0, 0.1)  # what training does to the zero-initialised output layer
+        assert (model(mask_lower_half(faces), reference, units) - reference).abs().max() > 1e-2
+
+
+def test_flatten_pooling_tells_where_in_the_window_a_unit_is():
+    """Mean pooling sees a window's units almost as a bag; flattening keeps each position's own weights, so a unit
+    moved within the window (the timing the lips must follow) changes the code by as much as another unit does."""
+    torch.manual_seed(0)
+    flat = FaceRenderer(FaceRendererConfig.preset("tiny", **SMALL, unit_pooling="flatten", dropout=0.0)).eval()
+    window = torch.full((1, 20), 3)
+    early, late = window.clone(), window.clone()
+    early[0, 2], late[0, 17] = 7, 7
+    with torch.no_grad():
+        early_code, late_code, other = (flat.conditioner(w) for w in (early, late, window))
+    assert (early_code - late_code).norm() > 0.5 * (early_code - other).norm()
+    with pytest.raises(ValueError, match="unit_pooling must be 'mean' or 'flatten', got 'max'"):
+        FaceRendererConfig.preset("tiny", unit_pooling="max")
+
+
 def _conv(cin: int, cout: int, kernel: int, norm: bool = True) -> int:
     return kernel * kernel * cin * cout + cout + (2 * cout if norm else 0)
 
@@ -203,8 +238,10 @@ def test_mouth_loss_scores_the_mouth_box_alone_and_trains_the_renderer(cpu_train
     outside, inside = faces.clone(), faces.clone()
     outside[..., :56, :] = 1.0  # everything above the box
     inside[..., 60:70, 30:50] = 1.0  # 200 of the box's 28 x 40 pixels
-    assert float(rendering.mouth_l1(outside, faces)) == 0.0
-    assert float(rendering.mouth_l1(inside, faces)) == pytest.approx(200 / (28 * 40))
+    assert float(rendering.mouth_error(outside, faces)) == 0.0
+    assert float(rendering.mouth_error(inside, faces)) == pytest.approx(200 / (28 * 40))
+    inside[..., 60:70, 30:50] = 0.5
+    assert float(rendering.mouth_error(inside, faces, squared=True)) == pytest.approx(0.25 * 200 / (28 * 40))
     batches = [batch_with_units(2, 12, torch.randint(0, 32, (2, 24))) for _ in range(2)]
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(rendering, DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
@@ -215,6 +252,19 @@ def test_mouth_loss_scores_the_mouth_box_alone_and_trains_the_renderer(cpu_train
         FaceRendering(mouth_box=(50, 40, 0, 96))
     with pytest.raises(ValueError, match="mouth_weight"):
         FaceRendering(mouth_weight=-1.0)
+    with pytest.raises(ValueError, match="mouth_loss must be 'l1' or 'l2', got 'l3'"):
+        FaceRendering(mouth_loss="l3")
+
+
+def test_squared_mouth_loss_enters_the_training_loss(cpu_trainer):
+    torch.manual_seed(0)
+    rendering = FaceRendering(renderer=SMALL, mouth_weight=10.0, mouth_loss="l2", warmup_steps=0)
+    batch = batch_with_units(2, 12, torch.randint(0, 32, (2, 24)))
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(rendering, DataLoader([batch], batch_size=None, collate_fn=lambda batch: batch))
+    metrics = trainer.callback_metrics
+    squared = float(metrics["train/loss"] - metrics["train/l1"]) / 10.0
+    assert 0 < squared < float(metrics["train/mouth_l1"])  # errors below 1: their squares are smaller
 
 
 def energy_units(wave: torch.Tensor, bins: int = 32) -> np.ndarray:
