@@ -16,7 +16,8 @@ No translation is involved, so every output has a frame-aligned reference (the c
   other original clips of that speaker: the clip that conditioned the vocoder is left out) and against the mean
   embedding of each other speaker of the split (averaged); both means and the fraction of clips where own > other;
 - **face**: the same units, frame-aligned, through the pipeline's face renderer (`AV2AVPipeline.render`: each
-  frame masked, the clip's first frame as identity); PSNR / SSIM against the real frames, and with
+  frame masked, the clip's first frame as identity); PSNR / SSIM against the real frames, the correlation of the
+  rendered lips' opening with the real ones' over time (`MouthMotion`), and with
   ``--sync-expert`` LSE-C / LSE-D of the rendered video with the resynthesised speech next to those of the
   original video with its own audio.
 
@@ -28,8 +29,8 @@ reference and are ``n/a``; LSE-C / LSE-D and the speech columns are scored as fo
 
 With ``--contents own rotated`` each row also gets a control: the clip's own units and durations rotated by half
 their length, so every frame is rendered from the units of another moment of the same clip (same units, same
-total length, same identity). A renderer that reads its units loses PSNR / SSIM (and the vocoder STOI) there; one
-that copies its identity frame does not.
+total length, same identity). A renderer that reads its units loses mouth motion (and PSNR / SSIM, the vocoder
+STOI) there; one that copies its identity frame does not.
 
 One row per split, identity and content in ``--out``/``resynthesis.md|csv``; ``speakers`` says whether the split's speakers were held out
 of training (zero-shot), from the corpus manifest (``--manifest``, by default the one beside ``--sentences``).
@@ -67,6 +68,7 @@ TABLE = "resynthesis"
 FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio (as the vocoder's training allows)
 SPEECH_METRICS = ("stoi", "estoi", "pesq")
 SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
+ALIGNED_FACE_KEYS = ("psnr", "ssim", "mouth_motion")  # face scores that need the real frames of the same moment
 IDENTITIES = ("own", "other")  # the clip's own speaker, or another speaker of the split
 CONTENTS = ("own", "rotated")  # the clip's units in place, or rotated by half their length (a control)
 
@@ -130,7 +132,7 @@ class SplitScores:
         asr, expert = scorers.transcriber, scorers.sync_expert
         wer = [build_suite(["wer"], transcriber=asr) if asr is not None else None for _ in range(2)]
         lse = [build_suite(["lse"], sync_expert=expert) if expert is not None else None for _ in range(2)]
-        speech, face = build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim"], data_range=255)
+        speech, face = build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim", "mouth_motion"], data_range=255)
         return cls(speech, face, *wer, *lse, asr_languages=scorers.asr_languages)
 
     def transcribes(self, lang: str) -> bool:
@@ -318,12 +320,12 @@ def _similarity(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
 def _face(scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own") -> Row:
     reason = "n/a: no face_renderer in the pipeline" if pipeline.renderer is None else "n/a: no clip with a face"
     if not scores.counts["rendered"]:
-        return {key: reason for key in ("psnr", "ssim", "lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
+        return {key: reason for key in (*ALIGNED_FACE_KEYS, "lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
     if identity == "own":
         face = {k: float(v) for k, v in scores.face.compute().items()}
-        row: Row = {"psnr": face["psnr"], "ssim": face["ssim"]}
+        row: Row = {key: face[key] for key in ALIGNED_FACE_KEYS}
     else:
-        row = {key: "n/a: another speaker's face has no aligned reference" for key in ("psnr", "ssim")}
+        row = {key: "n/a: another speaker's face has no aligned reference" for key in ALIGNED_FACE_KEYS}
     if scores.sync is None:
         return row | {k: "n/a: no --sync-expert" for k in ("lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
     ours, theirs = scores.sync.compute(), scores.sync_reference.compute()

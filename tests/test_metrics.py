@@ -27,6 +27,7 @@ from av2av_lightning.metrics import (
     ASRBleu,
     CharErrorRate,
     LipSync,
+    MouthMotion,
     SpeakerSimilarity,
     VideoPSNR,
     VideoSSIM,
@@ -391,3 +392,26 @@ def test_suite_routes_named_inputs_and_transcribes_once(speech):
 def test_ssim_refuses_frames_smaller_than_its_window():
     with pytest.raises(ValueError, match="larger than 11 pixels"):
         VideoSSIM(data_range=1.0).update([np.zeros((2, 8, 8))], [np.zeros((2, 8, 8))])
+
+
+def talking_clip(openness: np.ndarray) -> np.ndarray:
+    """A grey uint8 face clip [T, 96, 96, 3] whose lips box darkens by ``openness`` (0..1) in each frame."""
+    frames = np.full((len(openness), 96, 96, 3), 180, np.uint8)
+    frames[:, 66:74, 40:56] = (180 - 150 * openness[:, None, None, None]).astype(np.uint8)
+    return frames
+
+
+def test_mouth_motion_correlates_the_lips_opening_over_time():
+    rng = np.random.default_rng(0)
+    opening = rng.uniform(0, 1, 40)
+    real = talking_clip(opening)
+    noisy = np.clip(real.astype(int) + rng.integers(-20, 21, real.shape), 0, 255).astype(np.uint8)
+    metric = MouthMotion()
+    metric.update([noisy, talking_clip(np.roll(opening, 20)), talking_clip(np.zeros(40))], [real, real, real])
+    result = metric.compute()
+    expected = np.corrcoef(opening, np.roll(opening, 20))[0, 1]
+    # in step (noise outside and inside the box) ~1; out of step the sequences' own correlation; still: 0, counted
+    assert result["mouth_motion"].item() == pytest.approx((0.99 + expected + 0.0) / 3, abs=0.01)
+    assert result["mouth_motion_still"] == 1
+    with pytest.raises(ValueError, match=r"lips box \(62, 78, 36, 60\) lies outside frames of \(64, 64\) pixels"):
+        MouthMotion().update([np.zeros((2, 64, 64))], [np.zeros((2, 64, 64))])

@@ -31,6 +31,7 @@ NUMERIC = (
     "reference_wer",
     "psnr",
     "ssim",
+    "mouth_motion",
     "lse_c",
     "lse_d",
     "reference_lse_c",
@@ -153,6 +154,7 @@ def test_cross_identity_rows_speak_with_another_speaker(corpus, pipeline_yaml, c
     own, other = rows[0], rows[1]
     assert own["no_identity"] == "0" and int(other["no_identity"]) >= 1  # the first clip has no earlier speaker
     assert other["clips"] == "4" and other["psnr"] == "n/a: another speaker's face has no aligned reference"
+    assert other["mouth_motion"] == other["psnr"]
     for key in ("stoi", "lse_c", "lse_d", "similarity_own", "similarity_other"):
         assert math.isfinite(float(other[key])), key
     assert len(speakers) == 16

@@ -6,7 +6,7 @@ from av2av_lightning.metrics.similarity import SpeakerSimilarity
 from av2av_lightning.metrics.speech import ESTOI, PESQ, STOI
 from av2av_lightning.metrics.suite import METRIC_NAMES, MetricSuite, build_suite
 from av2av_lightning.metrics.text import ASRBleu, CharErrorRate, WordAccuracy, WordErrorRate, normalize_text
-from av2av_lightning.metrics.video import VideoPSNR, VideoSSIM
+from av2av_lightning.metrics.video import MouthMotion, VideoPSNR, VideoSSIM
 
 __all__ = [
     "ESTOI",
@@ -17,6 +17,7 @@ __all__ = [
     "CharErrorRate",
     "LipSync",
     "MetricSuite",
+    "MouthMotion",
     "SpeakerSimilarity",
     "SyncExpert",
     "Transcriber",

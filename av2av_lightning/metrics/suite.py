@@ -27,7 +27,7 @@ from av2av_lightning.metrics.lipsync import LipSync, SyncExpert
 from av2av_lightning.metrics.similarity import SpeakerSimilarity
 from av2av_lightning.metrics.speech import ESTOI, PESQ, STOI
 from av2av_lightning.metrics.text import ASRBleu, CharErrorRate, WordAccuracy, WordErrorRate
-from av2av_lightning.metrics.video import VideoPSNR, VideoSSIM
+from av2av_lightning.metrics.video import MouthMotion, VideoPSNR, VideoSSIM
 
 METRIC_NAMES = (
     "asr_bleu",
@@ -38,6 +38,7 @@ METRIC_NAMES = (
     "estoi",
     "psnr",
     "ssim",
+    "mouth_motion",
     "lse",
     "speaker_similarity",
     "word_accuracy",
@@ -109,6 +110,7 @@ def build_suite(
         "estoi": lambda: ESTOI(sample_rate=sample_rate),
         "psnr": lambda: VideoPSNR(data_range=data_range),
         "ssim": lambda: VideoSSIM(data_range=data_range),
+        "mouth_motion": lambda: MouthMotion(),
         "lse": lambda: LipSync(sync_expert, sample_rate=sample_rate),
         "speaker_similarity": lambda: SpeakerSimilarity(),
         "word_accuracy": lambda: WordAccuracy(),
