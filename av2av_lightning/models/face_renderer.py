@@ -21,11 +21,11 @@ of units, blind to when in it the mouth opens. Four options, off by default (Wav
   a path to the 24-96 px stages where the lips are drawn.
 
 Measured on 50 clips of held-out speakers of the demo corpus, each rendered from its first frame (`MouthMotion`:
-correlation over time of the rendered and the real lips' opening; 300 steps). With oracle visemes: mean pooling with FiLM and a mouth L1 0.28; flattened 0.86
-(PSNR 22.0 dB); with ``over_reference`` too 0.87 (35.8 dB); flattened over the reference without FiLM or mouth loss
-0.14. With the demo's audio units, all four and a squared-error mouth loss (`FaceRendering`'s ``mouth_loss``):
-0.61 and 34.2 dB, -0.04 with the units rotated in time (mean pooling 0.38; without ``keep_upper_half`` 32.8 dB);
-the demo's renderer before (100 steps, none of them): 0.07 and 22.3 dB.
+correlation over time of the rendered and the real lips' opening; 300 steps). With oracle visemes: mean pooling with
+FiLM and a mouth L1 0.28; flattened 0.86 (PSNR 22.0 dB); with ``over_reference`` too 0.87 (35.8 dB); flattened over
+the reference without FiLM or mouth loss 0.14. With the demo's audio units, all four and a squared-error mouth loss
+(`FaceRendering`'s ``mouth_loss``): 0.61 and 34.2 dB, -0.04 with the units rotated in time (mean pooling 0.38;
+without ``keep_upper_half`` 32.8 dB); the demo's renderer before (100 steps, none of them): 0.07 and 22.3 dB.
 """
 
 from __future__ import annotations
