@@ -18,8 +18,9 @@ No translation is involved, so every output has a frame-aligned reference (the c
 - **face**: the same units, frame-aligned, through the pipeline's face renderer (`AV2AVPipeline.render`: each
   frame masked, the clip's first frame as identity); PSNR / SSIM against the real frames, the correlation of the
   rendered lips' opening with the real ones' over time (`MouthMotion`), and with
-  ``--sync-expert`` LSE-C / LSE-D of the rendered video with the resynthesised speech next to those of the
-  original video with its own audio.
+  ``--sync-expert`` LSE-C / LSE-D of the rendered video with the resynthesised speech, and with the clip's original
+  audio (``*_real_audio``: the renderer judged apart from the vocoder), next to those of the original video with
+  its own audio.
 
 With ``--identities own other`` each split also gets a cross-identity row (zero-shot when its speakers are held
 out): the same units with the identity, voice embedding and face, of the most recent earlier clip of another
@@ -69,6 +70,8 @@ FRAME_TOLERANCE = 2  # video frames units x durations may differ from the audio 
 SPEECH_METRICS = ("stoi", "estoi", "pesq")
 SIMILARITY_KEYS = ("similarity_own", "similarity_other", "own_above_other")
 ALIGNED_FACE_KEYS = ("psnr", "ssim", "mouth_motion")  # face scores that need the real frames of the same moment
+LSE = ("lse_c", "lse_d")
+SYNC_KEYS = (*LSE, "lse_c_real_audio", "lse_d_real_audio", "reference_lse_c", "reference_lse_d")
 IDENTITIES = ("own", "other")  # the clip's own speaker, or another speaker of the split
 CONTENTS = ("own", "rotated")  # the clip's units in place, or rotated by half their length (a control)
 
@@ -119,6 +122,7 @@ class SplitScores:
     asr: MetricSuite | None
     asr_reference: MetricSuite | None
     sync: MetricSuite | None
+    sync_real_audio: MetricSuite | None
     sync_reference: MetricSuite | None
     outputs: list[torch.Tensor] = field(default_factory=list)
     references: list[torch.Tensor] = field(default_factory=list)
@@ -128,10 +132,11 @@ class SplitScores:
 
     @classmethod
     def build(cls, scorers: Scorers) -> SplitScores:
-        """Suites for the outputs and, for the ASR and lip sync, the same again for the original clips."""
+        """Suites for the outputs and, for the ASR and lip sync, the same again for the original clips (lip sync also
+        for the rendered faces with the original audio)."""
         asr, expert = scorers.transcriber, scorers.sync_expert
         wer = [build_suite(["wer"], transcriber=asr) if asr is not None else None for _ in range(2)]
-        lse = [build_suite(["lse"], sync_expert=expert) if expert is not None else None for _ in range(2)]
+        lse = [build_suite(["lse"], sync_expert=expert) if expert is not None else None for _ in range(3)]
         speech, face = build_suite(SPEECH_METRICS), build_suite(["psnr", "ssim", "mouth_motion"], data_range=255)
         return cls(speech, face, *wer, *lse, asr_languages=scorers.asr_languages)
 
@@ -235,6 +240,7 @@ def score_clip(
             scores.face.update(pred_video=[face], ref_video=[clip.face])
         if scores.sync is not None:
             scores.sync.update(pred_video=[face], pred_wave=[wave])
+            scores.sync_real_audio.update(pred_video=[face], pred_wave=[clip.wave])  # the units' own audio
             scores.sync_reference.update(pred_video=[clip.face], pred_wave=[clip.wave])
         scores.counts["rendered"] += 1
 
@@ -320,17 +326,19 @@ def _similarity(scores: SplitScores, pipeline: AV2AVPipeline) -> Row:
 def _face(scores: SplitScores, pipeline: AV2AVPipeline, identity: str = "own") -> Row:
     reason = "n/a: no face_renderer in the pipeline" if pipeline.renderer is None else "n/a: no clip with a face"
     if not scores.counts["rendered"]:
-        return {key: reason for key in (*ALIGNED_FACE_KEYS, "lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
+        return {key: reason for key in (*ALIGNED_FACE_KEYS, *SYNC_KEYS)}
     if identity == "own":
         face = {k: float(v) for k, v in scores.face.compute().items()}
         row: Row = {key: face[key] for key in ALIGNED_FACE_KEYS}
     else:
         row = {key: "n/a: another speaker's face has no aligned reference" for key in ALIGNED_FACE_KEYS}
     if scores.sync is None:
-        return row | {k: "n/a: no --sync-expert" for k in ("lse_c", "lse_d", "reference_lse_c", "reference_lse_d")}
-    ours, theirs = scores.sync.compute(), scores.sync_reference.compute()
-    row |= {"lse_c": float(ours["lse_c"]), "lse_d": float(ours["lse_d"])}
-    return row | {"reference_lse_c": float(theirs["lse_c"]), "reference_lse_d": float(theirs["lse_d"])}
+        return row | {key: "n/a: no --sync-expert" for key in SYNC_KEYS}
+    ours, real_audio, theirs = (
+        suite.compute() for suite in (scores.sync, scores.sync_real_audio, scores.sync_reference)
+    )
+    row |= {key: float(ours[key]) for key in LSE} | {f"{key}_real_audio": float(real_audio[key]) for key in LSE}
+    return row | {f"reference_{key}": float(theirs[key]) for key in LSE}
 
 
 # ---------------------------------------------------------------------------- command line
