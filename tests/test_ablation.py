@@ -40,5 +40,5 @@ def test_runs_every_delta_and_seed_and_tabulates(tiny_corpus, tmp_path, capsys):
     assert main([*args, "--metrics", "val/acc_audio", "--out", str(tmp_path / "runs")]) == 0
     table = (tmp_path / "runs" / "table.md").read_text()
     # the + L_rec row without its renderer checkpoint: shown as n/a with the missing file, never dropped
-    assert "(n=2)" in table and "n/a: " in table and "face_tiny/last.ckpt" in table
+    assert "(n=2)" in table and "n/a: " in table and "demo/face/last.ckpt" in table
     assert (tmp_path / "runs" / "table.csv").exists() and "baseline" in capsys.readouterr().out
