@@ -126,11 +126,12 @@ LIPS_BOX = (62, 78, 36, 60)  # rows top..bottom, columns left..right of the lips
 
 
 class MouthMotion(Metric):
-    """Whether generated lips open and close when the reference's do: per clip, the Pearson correlation over time
-    of the mean brightness of the lips box (an open mouth darkens it) in generated and reference frames; mean
-    over clips. PSNR and SSIM barely notice lips under 2 % of the pixels, and a weak sync expert cannot tell real
-    lips from still ones; this asks only that the mouth moves in time with the reference. A clip whose generated
-    (or reference) lips never change has no correlation: it scores 0 and is counted in ``mouth_motion_still``."""
+    """Whether generated lips open and close when the reference's do: per clip, the Pearson correlation over time of
+    the mean brightness of the lips box (an open mouth darkens it) in generated and reference frames; mean over
+    clips. PSNR and SSIM barely notice lips that are about 1 % of the pixels, and a weak sync expert cannot tell
+    real lips from still ones; this asks only that the mouth moves in time with the reference. A clip whose
+    generated (or reference) lips never change has no correlation: it scores 0 and is counted in
+    ``mouth_motion_still``."""
 
     is_differentiable = False
     higher_is_better = True

@@ -9,9 +9,9 @@ the frame), one pre-LN Transformer layer and a mean over the window. The publish
 encoder/decoder widths with a 1000 x 512 unit embedding in place of its audio encoder (~37 M parameters).
 
 Trained for minutes as Wav2Lip is (whole-face L1, the code entering at the 1x1 bottleneck as a mean over its
-window), the renderer draws the same mouth whatever its units, even oracle visemes: the lips are under 2 % of the
-pixels, the code gets about a thousandth of the encoder's gradient, and the mean pooling sees the window as a bag
-of units, blind to when in it the mouth opens. Four options, off by default (Wav2Lip's design), change that:
+window), the renderer draws the same mouth whatever its units, even oracle visemes: the lips are about 1 % of the
+pixels, the code gets about a thousandth of the encoder's gradient, and the mean pooling sees the window as a bag of
+units, blind to when in it the mouth opens. Four options, off by default (Wav2Lip's design), change that:
 
 - ``over_reference``: the output edits the reference frame (its logit plus the generator's, zero-initialised), so
   training starts from a copy of the speaker's lower face instead of drawing it from nothing;
@@ -148,7 +148,8 @@ def soft_unit_windows(units: Tensor, frames: int, window: int) -> Tensor:
 
 
 class UnitConditioner(nn.Module):
-    """A window of units -> one code per frame: embedding + learned positions, one Transformer layer, mean."""
+    """A window of units -> one code per frame: embedding + learned positions, one Transformer layer, then a mean
+    over the positions or (``unit_pooling="flatten"``) a linear map of all of them."""
 
     def __init__(self, config: FaceRendererConfig) -> None:
         super().__init__()
