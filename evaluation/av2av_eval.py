@@ -1,17 +1,20 @@
 """Evaluate AV2AV outputs: ASR-BLEU (and chrF), speaker similarity and lip sync per translation direction.
 
-    python -m evaluation.av2av_eval --outputs runs/demo/translated --shards 'data/demo/sentences/test_unseen-*.tar' \\
-        --transcriber ctc:runs/asr/last.ckpt [--sync-expert SYNC.ckpt] [--speaker-encoder SPK.ckpt] --out runs/eval/av2av
+    python -m evaluation.av2av_eval --outputs runs/demo/translated [MORE ...] \\
+        --shards 'data/demo/sentences/test_unseen-*.tar' --transcriber ctc:runs/asr/last.ckpt [--sync-expert SYNC.ckpt] \\
+        [--speaker-encoder SPK.ckpt] --out runs/eval/av2av
 
-``--outputs`` is an ``av2av translate --shards`` folder (``index.jsonl`` + ``KEY.mp4``); ``--shards`` the split it
-was translated from. Each output is scored against the split's utterance of the same sentence (split and sentence
-id) in the target language: its text is the BLEU reference, and its own speech, transcribed by the same ASR, is
-the ceiling row (``reference``). With ``--speaker-encoder``: cosine similarity of each output's voice to its
-source speaker's own voice (on the reference row: the reference utterance's voice to the source voice). With
-``--sync-expert``: LSE-C / LSE-D of the output video, and of the reference video on the reference row.
+``--outputs`` are ``av2av translate --shards`` folders (``index.jsonl`` + ``KEY.mp4``), e.g. one per input modality
+(``--input-modality av``, ``audio``, ``video``); ``--shards`` the split they were translated from. Each output is
+scored against the split's utterance of the same sentence (split and sentence id) in the target language: its text
+is the BLEU reference, and its own speech, transcribed by the same ASR, is the ceiling row (``reference``). With
+``--speaker-encoder``: cosine similarity of each output's voice to its source speaker's own voice (on the reference
+row: the reference utterance's voice to the source voice). With ``--sync-expert``: LSE-C / LSE-D of the output
+video, and of the reference video on the reference row.
 
-Written into ``--out``: ``av2av_eval.md`` / ``.csv`` (rows per direction and system, then ``all``), and the
-seeds' ``talking_face`` and ``voice`` tables (`evaluation.published_tables`) with what a translation can measure.
+Written into ``--out``: ``av2av_eval.md`` / ``.csv`` (rows per direction: one per input, then the reference; then
+``all``), and the seeds' ``talking_face`` and ``voice`` tables (`evaluation.published_tables`) with what a
+translation can measure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +45,15 @@ from evaluation.tables import Cell, write_table
 
 SYSTEMS = ("av2av", "reference")
 ALL = "all"
+REFERENCE_INPUT = "-"  # the reference row is the corpus's own target-language speech, translated from no input
+INPUT_ORDER = {name: rank for rank, name in enumerate(("av", "audio", "video"))}
 # which published row a translation's video / voice belongs to, by the modality its units came from
 FACE_SETTING = {"video": "intra", "audio": "cross"}
 VOICE_SETTING = {"audio": "intra", "video": "cross"}
 NO_FRAME_REFERENCE = "a translation has no frame-aligned reference (needs same-language resynthesis)"
 
 Row = dict[str, Cell]
+Group = tuple[str, str, str]  # direction, system, input
 
 
 @dataclass
@@ -140,45 +147,57 @@ def merge_suites(target: MetricSuite, source: MetricSuite) -> None:
         metric._update_count += source[name]._update_count  # merged updates count as updates (no compute warning)
 
 
-def evaluate(outputs: Path, shards, scorers: Scorers) -> list[Row]:
-    """Rows per direction (sorted) and system, then the ``all`` rows: utterances scored, failed translations,
-    outputs without a target-language reference, ASR-BLEU, chrF, speaker similarity and LSE-C/D."""
-    outputs = Path(outputs)
-    entries = load_index(outputs)
+def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
+    """Rows per direction (sorted): one per input the outputs were translated from (``av``, ``audio``, ``video``:
+    one folder each, or mixed), then the reference; then the ``all`` rows. Each row: utterances scored, failed
+    translations, outputs without a target-language reference, ASR-BLEU, chrF, speaker similarity and LSE-C/D. The
+    reference utterance of a source is scored once, however many inputs translated it."""
+    entries = [(Path(folder), entry) for folder in outputs for entry in load_index(folder)]
     metas = {meta.key: meta for meta in iter_metas(shards)}
-    refs = reference_keys(entries, metas, str(outputs / INDEX_NAME))
+    indexes = ", ".join(str(Path(folder) / INDEX_NAME) for folder in outputs)
+    refs = reference_keys([entry for _, entry in entries], metas, indexes)
     with_face = scorers.sync_expert is not None
-    split = read_split(shards, {k for e in entries for k in (e["key"], refs[e["key"]]) if k}, with_face)
-    suites: dict[tuple[str, str], MetricSuite] = {}
-    counts: dict[str, Counter] = defaultdict(Counter)
-    for entry in entries:
+    wanted = {k for _, e in entries for k in (e["key"], refs[e["key"]]) if k}
+    split = read_split(shards, wanted, with_face)
+    suites: dict[Group, MetricSuite] = {}
+    counts: dict[Group, Counter] = defaultdict(Counter)
+    referenced: set[tuple[str, str]] = set()  # (direction, source key) whose reference speech is scored
+    for folder, entry in entries:
         direction, ref = f"{entry['src_lang']}-{entry['tgt_lang']}", refs[entry["key"]]
+        group = (direction, "av2av", entry.get("input", "av"))
         if "error" in entry:
-            counts[direction]["failed"] += 1
+            counts[group]["failed"] += 1
             continue
         if ref is None or ref not in split:
-            counts[direction]["no_reference"] += 1
+            counts[group]["no_reference"] += 1
             continue
         source = scorers.embed(split[entry["key"]].wave) if entry["key"] in split else None
-        output = read_output(outputs / entry["output"], int(entry["frames"]), with_face)
-        text, lang = metas[ref].text, entry["tgt_lang"]
-        for system, speech in zip(SYSTEMS, (output, split[ref])):
-            update(suites.setdefault((direction, system), scorers.suite()), scorers, speech, text, lang, source)
-        counts[direction]["utterances"] += 1
+        scored = [(group, read_output(folder / entry["output"], int(entry["frames"]), with_face))]
+        if (direction, entry["key"]) not in referenced:
+            referenced.add((direction, entry["key"]))
+            scored.append(((direction, "reference", REFERENCE_INPUT), split[ref]))
+        for target, speech in scored:
+            update(
+                suites.setdefault(target, scorers.suite()), scorers, speech, metas[ref].text, entry["tgt_lang"], source
+            )
+            counts[target]["utterances"] += 1
     if not suites:
-        raise ValueError(f"{outputs / INDEX_NAME}: no output could be scored ({dict(sum(counts.values(), Counter()))})")
-    directions = sorted(counts)
-    for system in SYSTEMS:
-        total = suites[(ALL, system)] = scorers.suite()
-        for direction in directions:
-            if (direction, system) in suites:
-                merge_suites(total, suites[(direction, system)])
-    counts[ALL] = sum((counts[d] for d in directions), Counter())
-    return [_row(d, s, counts[d], suites.get((d, s)), scorers) for d in [*directions, ALL] for s in SYSTEMS]
+        raise ValueError(f"{indexes}: no output could be scored ({dict(sum(counts.values(), Counter()))})")
+    groups = sorted(counts, key=lambda g: (g[0], SYSTEMS.index(g[1]), INPUT_ORDER.get(g[2], len(INPUT_ORDER))))
+    totals = list(dict.fromkeys((ALL, system, input) for _, system, input in groups))
+    for total in totals:
+        members = [group for group in groups if group[1:] == total[1:]]
+        suites[total] = scorers.suite()
+        for member in members:
+            if member in suites:
+                merge_suites(suites[total], suites[member])
+        counts[total] = sum((counts[member] for member in members), Counter())
+    return [_row(group, counts[group], suites.get(group), scorers) for group in groups + totals]
 
 
-def _row(direction: str, system: str, counts: Counter, suite: MetricSuite | None, scorers: Scorers) -> Row:
-    row: Row = {"direction": direction, "system": system, "utterances": counts["utterances"]}
+def _row(group: Group, counts: Counter, suite: MetricSuite | None, scorers: Scorers) -> Row:
+    direction, system, input = group
+    row: Row = {"direction": direction, "system": system, "input": input, "utterances": counts["utterances"]}
     row |= {"failed": counts["failed"], "no_reference": counts["no_reference"]}
     scores = {k: float(v) for k, v in suite.compute().items()} if suite is not None else {}
     scores = {k: v for k, v in scores.items() if not math.isnan(v)}  # e.g. LSE when no output had video
@@ -230,7 +249,7 @@ def load_scorers(args: argparse.Namespace) -> Scorers:
 def run(args: argparse.Namespace, scorers: Scorers) -> str:
     """Evaluate and write every table; returns the main table's Markdown."""
     rows = evaluate(args.outputs, args.shards, scorers)
-    inputs = {e.get("input", "av") for e in load_index(args.outputs)}
+    inputs = {entry.get("input", "av") for folder in args.outputs for entry in load_index(folder)}
     face, voice = published(rows, inputs)
     write_published(face, args.out, "talking_face")
     write_published(voice, args.out, "voice")
@@ -239,7 +258,13 @@ def run(args: argparse.Namespace, scorers: Scorers) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--outputs", required=True, type=Path, help="an 'av2av translate --shards' output folder")
+    parser.add_argument(
+        "--outputs",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="'av2av translate --shards' output folders (one per input)",
+    )
     parser.add_argument("--shards", required=True, nargs="+", help="shards of the split the outputs came from")
     parser.add_argument("--transcriber", required=True, help="'ctc:CHECKPOINT' or 'whisper:MODEL_DIR'")
     parser.add_argument("--sync-expert", type=Path, help="a SyncNet expert checkpoint (LSE-C/D)")
@@ -251,7 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        load_index(args.outputs)  # bad input fails before any model loads
+        for folder in args.outputs:
+            load_index(folder)  # bad input fails before any model loads
         print(run(args, load_scorers(args)))
     except (FileNotFoundError, ValueError) as err:
         print(f"av2av_eval: error: {err}", file=sys.stderr)

@@ -115,6 +115,23 @@ def demo_stages(
     translated, noise, unseen = runs / "translated", runs / "noise", str(sentences / "test_unseen-*.tar")
     pieces, transcriber = runs / "spm.model", runs / "transcriber" / "last.ckpt"
     evaluation = runs / "eval"
+    translate = [
+        "translate",
+        "--pipeline",
+        str(pipeline),
+        "--shards",
+        unseen,
+        "--src",
+        "en",
+        "--tgt",
+        "es",
+        "--limit",
+        "6",
+    ]
+    translations = [  # stage, encoder input, output folder: AV, A and V input of the same clips
+        ("translate", "av", translated),
+        *((f"translate_{m}", m, runs / f"translated_{m}") for m in ("audio", "video")),
+    ]
 
     def fit(name: str, inputs: list[Path | str], metrics: tuple[str, ...]) -> Stage:
         return fit_stage(name, corpus, runs, inputs, metrics, fit_args)
@@ -167,29 +184,15 @@ def demo_stages(
         ),
         fit("face", [frame_units / "train.km50.npz"], ("val/psnr", "val/l1")),
         fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
-        Stage(
-            "translate",  # a few unseen-speaker English clips into Spanish, as MP4s beside their sources
-            av2av(
-                "translate",
-                "--pipeline",
-                str(pipeline),
-                "--shards",
-                unseen,
-                "--src",
-                "en",
-                "--tgt",
-                "es",
-                "--limit",
-                "6",
-                "--out",
-                str(translated),
-            ),  # fmt: skip
-            [translated / "index.jsonl"],
-            [
-                PIPELINE_CONFIG,
-                *(runs / name / "last.ckpt" for name in ("translation", "vocoder", "face", "transcriber")),
-            ],
-            section=partial(clips_section, unseen),
+        *(
+            Stage(
+                name,  # six unseen-speaker English clips into Spanish; the report shows the AV ones beside their sources
+                av2av(*translate, "--input-modality", modality, "--out", str(folder)),
+                [folder / "index.jsonl"],
+                [PIPELINE_CONFIG, *(runs / n / "last.ckpt" for n in ("translation", "vocoder", "face", "transcriber"))],
+                section=partial(clips_section, unseen) if modality == "av" else None,
+            )
+            for name, modality, folder in translations
         ),
         Stage(
             "evaluate",  # ASR-BLEU of the translations against the target-language reference speech (the ceiling)
@@ -198,7 +201,7 @@ def demo_stages(
                 "-m",
                 "evaluation.av2av_eval",
                 "--outputs",
-                str(translated),
+                *(str(folder) for _, _, folder in translations),
                 "--shards",
                 unseen,
                 *scorers,
@@ -206,7 +209,10 @@ def demo_stages(
                 str(evaluation),
             ],
             [evaluation / "av2av_eval.md", evaluation / "av2av_eval.csv"],
-            [translated / "index.jsonl", transcriber, runs / "speaker" / "last.ckpt", runs / "syncnet" / "last.ckpt"],
+            [
+                *(folder / "index.jsonl" for _, _, folder in translations),
+                *(transcriber, runs / "speaker" / "last.ckpt", runs / "syncnet" / "last.ckpt"),
+            ],
             section=evaluation_section,
         ),
     ]
@@ -386,9 +392,9 @@ def evaluation_section(stage: Stage, report: Path) -> list[str]:
     return [
         "## Translation quality",
         "",
-        "ASR-BLEU and chrF of the translated clips (`av2av`) and of the same sentence spoken in the target language "
-        "by the corpus (`reference`, the ceiling), both transcribed by the demo's CTC recogniser; speaker "
-        "similarity to the source voice; LSE-C / LSE-D of the faces.",
+        "ASR-BLEU and chrF of the translated clips (`av2av`, from audio-visual, audio-only and video-only input) and "
+        "of the same sentence spoken in the target language by the corpus (`reference`, the ceiling), both "
+        "transcribed by the demo's CTC recogniser; speaker similarity to the source voice; LSE-C / LSE-D of the faces.",
         "",
         stage.outputs[0].read_text().strip(),
         "",

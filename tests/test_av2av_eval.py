@@ -113,9 +113,9 @@ def by(rows, direction, system):
 
 def test_bleu_per_direction_equals_sacrebleu_and_the_ceiling_row(outputs, split):
     asr = FakeASR()
-    rows = evaluate(outputs, split, Scorers(asr))
-    assert [(r["direction"], r["system"]) for r in rows] == [
-        (d, s) for d in ("en-fr", "es-fr", "all") for s in ("av2av", "reference")
+    rows = evaluate([outputs], split, Scorers(asr))
+    assert [(r["direction"], r["system"], r["input"]) for r in rows] == [
+        (d, s, i) for d in ("en-fr", "es-fr", "all") for s, i in (("av2av", "audio"), ("reference", "-"))
     ]
     refs = {s: SENTENCES[s]["fr"][0] for s in ("s0", "s1")}
     expected = {
@@ -147,14 +147,15 @@ def test_speaker_and_lip_sync_columns_with_tiny_checkpoints(outputs, split, chec
         FakeASR(), load_speaker_encoder(args.speaker_encoder), load_sync_expert(args.sync_expert)
     )  # the CLI's load_scorers with the fake ASR
     text = av2av_eval.run(args, scorers)
-    rows = evaluate(outputs, split, scorers)
+    rows = evaluate([outputs], split, scorers)
     for row in rows:
         assert -1.0 <= row["speaker_similarity"] <= 1.0
         assert row["lse_d"] >= 0.0 and row["lse_c"] >= 0.0
     assert by(rows, "all", "av2av")["lse_d"] != by(rows, "all", "reference")["lse_d"]
     assert "| all | reference |" in text
     header = (tmp_path / "av2av_eval.csv").read_text().splitlines()[0]
-    assert header == "direction,system,utterances,failed,no_reference,asr_bleu,asr_chrf,speaker_similarity,lse_c,lse_d"
+    columns = "direction,system,input,utterances,failed,no_reference,asr_bleu,asr_chrf,speaker_similarity,lse_c,lse_d"
+    assert header == columns
     face = (tmp_path / "talking_face.md").read_text()
     assert f"{by(rows, 'all', 'av2av')['lse_c']:.2f}" in face  # audio units -> face: the cross-modality row
     assert "| cross-modality | audio units -> face | n/a: a translation has no frame-aligned" in face
@@ -174,7 +175,26 @@ def test_missing_index_and_foreign_keys_are_one_line_errors(outputs, split, tmp_
     entry = json.loads(entries[0]) | {"key": "elsewhere_0001"}
     (foreign / INDEX_NAME).write_text("\n".join([*entries, json.dumps(entry)]) + "\n")
     with pytest.raises(ValueError, match=r"1 output key\(s\) not in the shards \(first: elsewhere_0001\)$"):
-        evaluate(foreign, split, Scorers(FakeASR()))
+        evaluate([foreign], split, Scorers(FakeASR()))
+
+
+def test_one_row_per_input_and_each_reference_scored_once(outputs, split, tmp_path):
+    """Outputs translated from audio and (here: the same clips again) from video: a row per input, the reference
+    row heard once per source, and the inputs' rows equal when their outputs are."""
+    video = tmp_path / "video"
+    translate_shards(FakePipeline(fail=("test_s1_es",)), split, "fr", video, input="video")
+    asr = FakeASR()
+    rows = evaluate([outputs, video], split, Scorers(asr))
+    assert [(r["direction"], r["system"], r["input"]) for r in rows] == [
+        (d, s, i)
+        for d in ("en-fr", "es-fr", "all")
+        for s, i in (("av2av", "audio"), ("av2av", "video"), ("reference", "-"))
+    ]
+    for direction in ("en-fr", "es-fr", "all"):
+        audio, video_row, reference = (r for r in rows if r["direction"] == direction)
+        assert {k: v for k, v in audio.items() if k != "input"} == {k: v for k, v in video_row.items() if k != "input"}
+        assert reference["utterances"] == audio["utterances"] and reference["failed"] == 0
+    assert len(asr.langs) == 3 * 2 + 3  # 3 outputs for each of 2 inputs, and their 3 references once
 
 
 # ---------------------------------------------------------------------------- published tables

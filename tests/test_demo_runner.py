@@ -284,8 +284,11 @@ def test_evaluation_stage_scores_the_translations_with_the_demo_transcriber(tmp_
     assert evaluate.command[:3] == [sys.executable, "-m", "evaluation.av2av_eval"]
     assert evaluate.section is evaluation_section and transcriber in evaluate.inputs
     args = av2av_eval.parse_args(evaluate.command[3:])
+    translations = [stages[name] for name in ("translate", "translate_audio", "translate_video")]
+    assert [folder / INDEX_NAME for folder in args.outputs] == [stage.outputs[0] for stage in translations]
+    modalities = [stage.command[stage.command.index("--input-modality") + 1] for stage in translations]
+    assert modalities == ["av", "audio", "video"] and all(stage.outputs[0] in evaluate.inputs for stage in translations)
     translate = stages["translate"]
-    assert args.outputs / INDEX_NAME == translate.outputs[0]
     assert args.shards == [translate.command[translate.command.index("--shards") + 1]]
     assert args.transcriber == f"ctc:{transcriber}"
     assert args.speaker_encoder in stages["speaker"].outputs and args.sync_expert in stages["syncnet"].outputs
