@@ -116,18 +116,8 @@ def demo_stages(
     pieces, transcriber = runs / "spm.model", runs / "transcriber" / "last.ckpt"
     evaluation = runs / "eval"
     translate = [
-        "translate",
-        "--pipeline",
-        str(pipeline),
-        "--shards",
-        unseen,
-        "--src",
-        "en",
-        "--tgt",
-        "es",
-        "--limit",
-        "6",
-    ]
+        "translate", "--pipeline", str(pipeline), "--shards", unseen, "--src", "en", "--tgt", "es", "--limit", "6",
+    ]  # fmt: skip
     translations = [  # stage, encoder input, output folder: AV, A and V input of the same clips
         ("translate", "av", translated),
         *((f"translate_{m}", m, runs / f"translated_{m}") for m in ("audio", "video")),
