@@ -234,8 +234,8 @@ class FaceRendering(L.LightningModule):
             sched_d[0].step()
             logs["train/loss_d"] = loss_d
         l1, mouth = F.l1_loss(generated, target), self.mouth_error(generated, target)
-        squared = self.hparams.mouth_loss == "l2"
-        loss = l1 + self.hparams.mouth_weight * (self.mouth_error(generated, target, squared) if squared else mouth)
+        mouth_term = self.mouth_error(generated, target, squared=True) if self.hparams.mouth_loss == "l2" else mouth
+        loss = l1 + self.hparams.mouth_weight * mouth_term
         logs |= {"train/l1": l1, "train/mouth_l1": mouth}
         if self.hparams.sync_weight > 0:
             sync = self.sync_loss(generated, batch, clip, frames[:, 0])

@@ -32,6 +32,7 @@ import av
 import numpy as np
 import torch
 
+from av2av_lightning.av2av import INPUTS
 from av2av_lightning.data.schema import SampleMeta
 from av2av_lightning.metrics import MetricSuite, SyncExpert, Transcriber, build_suite
 from av2av_lightning.speaker_encoding import load_speaker_encoder
@@ -46,7 +47,6 @@ from evaluation.tables import Cell, write_table
 SYSTEMS = ("av2av", "reference")
 ALL = "all"
 REFERENCE_INPUT = "-"  # the reference row is the corpus's own target-language speech, translated from no input
-INPUT_ORDER = {name: rank for rank, name in enumerate(("av", "audio", "video"))}
 # which published row a translation's video / voice belongs to, by the modality its units came from
 FACE_SETTING = {"video": "intra", "audio": "cross"}
 VOICE_SETTING = {"audio": "intra", "video": "cross"}
@@ -183,7 +183,7 @@ def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
             counts[target]["utterances"] += 1
     if not suites:
         raise ValueError(f"{indexes}: no output could be scored ({dict(sum(counts.values(), Counter()))})")
-    groups = sorted(counts, key=lambda g: (g[0], SYSTEMS.index(g[1]), INPUT_ORDER.get(g[2], len(INPUT_ORDER))))
+    groups = sorted(counts, key=_group_order)
     totals = list(dict.fromkeys((ALL, system, input) for _, system, input in groups))
     for total in totals:
         members = [group for group in groups if group[1:] == total[1:]]
@@ -193,6 +193,12 @@ def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
                 merge_suites(suites[total], suites[member])
         counts[total] = sum((counts[member] for member in members), Counter())
     return [_row(group, counts[group], suites.get(group), scorers) for group in groups + totals]
+
+
+def _group_order(group: Group) -> tuple[str, int, int]:
+    """Direction, then the outputs by input (the pipeline's order: av, audio, video), then the reference."""
+    direction, system, input = group
+    return direction, SYSTEMS.index(system), INPUTS.index(input) if input in INPUTS else len(INPUTS)
 
 
 def _row(group: Group, counts: Counter, suite: MetricSuite | None, scorers: Scorers) -> Row:
