@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from av2av_lightning.checkpoints import STAGE_KEY, load_avhubert
+from av2av_lightning.checkpoints import STAGE_KEY, load_encoder
 from av2av_lightning.data.batching import IGNORE_INDEX, AVBatch
 from av2av_lightning.distributed import refuse_layerdrop_under_plain_ddp
 from av2av_lightning.face_rendering import load_face_renderer
@@ -58,8 +58,10 @@ class CrossModalMutualLearning(L.LightningModule):
             (needs ``spm_model`` from ``av2av vocab spm``).
         modalities: the inputs trained and scored, ``audio`` and ``video`` (mutual learning); ``[audio]`` alone
             trains a speech recogniser, the project's own transcriber for ASR-BLEU (no alignment terms then).
-        pretrained: an `AVHubertPretraining` checkpoint to start from; None trains the encoder from scratch
-            (``preset`` and ``encoder`` overrides, as in pretraining).
+        pretrained: the encoder to start from: an `AVHubertPretraining` checkpoint, or a mutual-learning one (e.g.
+            an audio-only recogniser run first: the demo's cheap stand-in for a full-size pretraining's phonetic
+            audio features); None trains the encoder from scratch (``preset`` and ``encoder`` overrides, as in
+            pretraining).
         freeze_encoder_steps: keep the encoder fixed for this many steps (the heads settle first).
         encoder_lr_scale: the encoder's learning rate as a share of ``lr``. Fresh Adam moments move every weight by
             about the full learning rate on the first steps after the freeze; at ``lr`` a pretrained encoder's
@@ -386,7 +388,7 @@ def _encoder(pretrained: str | None, preset: str, overrides: dict | None) -> AVH
     masked-prediction head and mask embedding are frozen: nothing here reaches them, and DDP refuses parameters
     that never get a gradient."""
     if pretrained:
-        encoder = load_avhubert(pretrained).train()
+        encoder = load_encoder(pretrained).train()
         encoder.config.modality_dropout = 0.0
     else:
         encoder = AVHubert(AVHubertConfig.preset(preset, **{**(overrides or {}), "modality_dropout": 0.0}))

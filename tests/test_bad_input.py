@@ -70,8 +70,8 @@ ROWS = [
     ("fit-bad-word-list", "fit --config {mutual_yaml} --model.init_args.words {text_txt}", ["text.txt"]),
     (
         "mutual-pretrained-wrong-stage",
-        "fit --config {mutual_yaml} --model.init_args.pretrained {mutual_learning_ckpt}",
-        ["mutual_learning.ckpt", "expected 'pretraining'"],
+        "fit --config {mutual_yaml} --model.init_args.pretrained {vocoder_ckpt}",
+        ["vocoder.ckpt", "stage 'vocoder'", "expected 'pretraining' or 'mutual_learning'"],
     ),
     (
         "mutual-pretrained-missing",

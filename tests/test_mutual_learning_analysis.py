@@ -97,6 +97,19 @@ def test_load_encoder_reads_pretraining_and_mutual_learning_checkpoints(pretrain
     )
 
 
+def test_mutual_learning_starts_from_a_mutual_learning_checkpoint(pretrained, word_list, tmp_path):
+    """The demo's chain: an audio-only recogniser first, then mutual learning from its encoder."""
+    _, path = pretrained
+    audio_first = CrossModalMutualLearning(words=str(word_list), pretrained=str(path), modalities=["audio"])
+    with torch.no_grad():
+        audio_first.encoder.encoder.layers[0].fc1.weight.add_(1.0)  # what the audio-only run learned
+    saved = save_as_lightning_would(audio_first, tmp_path / "audio.ckpt")
+    mutual = CrossModalMutualLearning(words=str(word_list), pretrained=str(saved), lambda_pred=0.1)
+    expected = audio_first.encoder.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in mutual.encoder.state_dict().items())
+    assert mutual.encoder.training and mutual.encoder.config.modality_dropout == 0.0
+
+
 def test_cluster_layer_accepts_a_mutual_learning_checkpoint(pretrained, word_list, tiny_corpus, tmp_path):
     import argparse
 
