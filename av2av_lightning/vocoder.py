@@ -4,7 +4,10 @@
 or de-duplicated with a second sidecar of durations (what unit extraction writes); 25 Hz units are
 repeated x2 so the generator always sees 50 Hz units, 320 samples each. It trains on random segments
 with manual optimisation: a least-squares discriminator step, then a generator step on
-``adversarial + fm_weight x feature matching + mel_weight x mel L1 + duration_weight x duration MSE``.
+``adversarial + fm_weight x feature matching + mel_weight x mel L1 + duration_weight x duration MSE``
+(``+ context_mel_weight x`` the L1 of the unit context's own Mels, with ``context_layers``). A vocoder that speaks
+through Griffin-Lim (``synthesis: griffin_lim``) has no generator and no discriminator: it trains the unit context's
+Mels and the durations alone.
 
 The speaker embedding comes from (the mode is recorded in the checkpoint):
 
@@ -26,7 +29,6 @@ from torch import Tensor, nn
 
 from av2av_lightning.checkpoints import STAGE_KEY, load_stage_model
 from av2av_lightning.data.batching import AVBatch
-from av2av_lightning.data.features import log_mel_spectrogram
 from av2av_lightning.data.schema import SAMPLE_RATE, VIDEO_FPS
 from av2av_lightning.data.sidecar import expect_ids_below, expect_rates
 from av2av_lightning.logging_utils import log_media_table
@@ -39,19 +41,13 @@ from av2av_lightning.models.hifigan import (
     deduplicate,
     expand,
 )
+from av2av_lightning.models.mel_spectrum import MELS_PER_UNIT, vocoder_mels
 from av2av_lightning.optim import stage_optimizer
 from av2av_lightning.speaker_encoding import load_speaker_encoder
 
 STAGE = "vocoder"
 UNIT_RATE = 50  # Hz the generator runs at
 PAD_UNIT = -1
-
-
-def vocoder_mels(wave: Tensor) -> Tensor:
-    """80 log-magnitude Slaney Mels at 100 Hz (hop 160 divides the 320 samples of a unit): the L1 loss's view."""
-    return log_mel_spectrogram(
-        wave, n_fft=1024, hop_length=160, win_length=640, n_mels=80, f_max=8000, scale="slaney", norm="slaney"
-    )
 
 
 def discriminator_loss(real: list[Tensor], fake: list[Tensor]) -> Tensor:
@@ -89,8 +85,11 @@ class UnitVocoder(L.LightningModule):
             ``{split}.units.npz`` + ``{split}.durations.npz``, rate null): the frames are ``units x durations``.
         speaker_encoder: a `SpeakerEncoderTraining` checkpoint (frozen) for ``encoder`` mode;
         speakers: speaker ids for a learned table (``table`` mode); neither: no speaker conditioning.
-        segment_units: 50 Hz units per training segment (cut to the shortest utterance of a batch).
+        segment_units: 50 Hz units per training segment of the generator (cut to the shortest utterance of a batch);
+            a vocoder without a generator trains on whole utterances.
         mel_weight, fm_weight, duration_weight: loss weights (HiFi-GAN: 45, 2; duration 1).
+        context_mel_weight: weight of the L1 between the unit context's predicted Mels and the speech's (a vocoder
+            with ``context_layers``; the only speech loss of one with ``synthesis: griffin_lim``).
         gan_start_step: generator steps trained on mel and duration losses alone before the GAN joins.
         lr, betas, weight_decay, warmup_steps, total_steps: AdamW for both optimisers with `optim.py`'s schedule.
         val_audio_samples: resynthesised utterances logged next to their references per validation epoch
@@ -110,6 +109,7 @@ class UnitVocoder(L.LightningModule):
         mel_weight: float = 45.0,
         fm_weight: float = 2.0,
         duration_weight: float = 1.0,
+        context_mel_weight: float = 1.0,
         gan_start_step: int = 0,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.8, 0.99),
@@ -143,7 +143,8 @@ class UnitVocoder(L.LightningModule):
             overrides["speaker_dim"] = 0
         self.config = UnitHiFiGANConfig.preset(preset, **overrides)
         self.model = UnitHiFiGAN(self.config)
-        self.discriminator = HiFiGANDiscriminator(self.config.discriminator_width)
+        speaks_through_generator = self.model.generator is not None
+        self.discriminator = HiFiGANDiscriminator(self.config.discriminator_width) if speaks_through_generator else None
         self.speech_metrics = nn.ModuleList([STOI(), ESTOI(), PESQ()])
 
     def setup(self, stage: str) -> None:
@@ -230,14 +231,41 @@ class UnitVocoder(L.LightningModule):
     # -- training
 
     def training_step(self, batch: AVBatch, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
-        sched_g, sched_d = self.lr_schedulers()
         units, lengths = self.unit_stream(batch)
         speaker = self.speaker_embedding(batch)
-        seg_units, real = self.segments(units, lengths, batch.wave)
-        fake = self.model(seg_units, speaker)
-        use_gan = sched_g.last_epoch >= self.hparams.gan_start_step
-        logs = {}
+        duration = self.duration_loss(units, lengths)
+        loss_g = self.hparams.duration_weight * duration
+        logs = {"train/duration_mse": duration}
+        if self.discriminator is None:  # no generator: the context reads whole utterances (an LSTM costs little)
+            optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+            context_units, context_wave = units, batch.wave[:, : units.shape[1] * SAMPLES_PER_UNIT]
+        else:
+            (optimizer, _), (scheduler, _) = self.optimizers(), self.lr_schedulers()
+            context_units, context_wave = self.segments(units, lengths, batch.wave)
+            loss_g = loss_g + self.generator_loss(context_units, speaker, context_wave, logs)
+        if self.model.context is not None:
+            context_mel = self.context_mel_loss(context_units, speaker, context_wave)
+            loss_g = loss_g + self.hparams.context_mel_weight * context_mel
+            logs["train/context_mel_l1"] = context_mel
+        optimizer.zero_grad()
+        self.manual_backward(loss_g)
+        optimizer.step()
+        scheduler.step()
+        logs["train/loss_g"] = loss_g
+        self.log_dict(logs, prog_bar=True, batch_size=len(batch))
+
+    def context_mel_loss(self, units: Tensor, speaker: Tensor | None, wave: Tensor) -> Tensor:
+        """L1 between the unit context's Mels and those of the speech, over the frames of real units."""
+        predicted = self.model.mels(units, speaker)
+        real = vocoder_mels(wave)[:, : predicted.shape[1]]
+        valid = (units >= 0).repeat_interleave(MELS_PER_UNIT, dim=1)
+        return (predicted - real).abs()[valid].mean()
+
+    def generator_loss(self, units: Tensor, speaker: Tensor | None, real: Tensor, logs: dict) -> Tensor:
+        """The generator's speech terms; a discriminator step first once the GAN is on (``gan_start_step``)."""
+        opt_d, sched_d = self.optimizers()[1], self.lr_schedulers()[1]
+        fake = self.model(units, speaker)
+        use_gan = self.lr_schedulers()[0].last_epoch >= self.hparams.gan_start_step
         if use_gan:
             real_scores, _ = self.discriminator(real)
             fake_scores, _ = self.discriminator(fake.detach())
@@ -248,34 +276,33 @@ class UnitVocoder(L.LightningModule):
             sched_d.step()
             logs["train/loss_d"] = loss_d
         mel = F.l1_loss(vocoder_mels(fake), vocoder_mels(real))
-        duration = self.duration_loss(units, lengths)
-        loss_g = self.hparams.mel_weight * mel + self.hparams.duration_weight * duration
+        logs["train/mel_l1"] = mel
+        loss = self.hparams.mel_weight * mel
         if use_gan:
             fake_scores, fake_features = self.discriminator(fake)
             with torch.no_grad():
                 _, real_features = self.discriminator(real)
             adversarial = generator_adversarial_loss(fake_scores)
             matching = feature_matching_loss(real_features, fake_features)
-            loss_g = loss_g + adversarial + self.hparams.fm_weight * matching
+            loss = loss + adversarial + self.hparams.fm_weight * matching
             logs.update({"train/adversarial": adversarial, "train/feature_matching": matching})
-        opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
-        sched_g.step()
-        logs.update({"train/loss_g": loss_g, "train/mel_l1": mel, "train/duration_mse": duration})
-        self.log_dict(logs, prog_bar=True, batch_size=len(batch))
+        return loss
 
     # -- validation
 
     def validation_step(self, batch: AVBatch, batch_idx: int) -> None:
         """Resynthesis of whole utterances from their true units: mel L1, duration MSE, STOI/ESTOI/PESQ, audio."""
         units, lengths = self.unit_stream(batch)
-        fake = self.model(units, self.speaker_embedding(batch))
+        speaker = self.speaker_embedding(batch)
+        fake = self.model(units, speaker)
         preds = [f[: int(n) * SAMPLES_PER_UNIT] for f, n in zip(fake, lengths)]
         refs = [w[: int(n) * SAMPLES_PER_UNIT] for w, n in zip(batch.wave, lengths)]
         mel = torch.stack([F.l1_loss(vocoder_mels(p), vocoder_mels(r)) for p, r in zip(preds, refs)]).mean()
         self.log("val/mel_l1", mel, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("val/duration_mse", self.duration_loss(units, lengths), batch_size=len(batch), sync_dist=True)
+        if self.model.context is not None:
+            context_mel = self.context_mel_loss(units, speaker, batch.wave[:, : units.shape[1] * SAMPLES_PER_UNIT])
+            self.log("val/context_mel_l1", context_mel, batch_size=len(batch), sync_dist=True)
         for metric in self.speech_metrics:
             metric.update(preds, refs)
         if batch_idx == 0:
@@ -290,7 +317,8 @@ class UnitVocoder(L.LightningModule):
 
     def configure_optimizers(self) -> tuple[list, list]:
         generator = nn.ModuleList([self.model] + ([self.speaker_table] if self.speaker_table is not None else []))
-        configured = [stage_optimizer(self, module, eps=1e-9) for module in (generator, self.discriminator)]
+        trained = [generator] + ([self.discriminator] if self.discriminator is not None else [])
+        configured = [stage_optimizer(self, module, eps=1e-9) for module in trained]
         return [c["optimizer"] for c in configured], [c["lr_scheduler"]["scheduler"] for c in configured]
 
 

@@ -1,5 +1,6 @@
 """Unit HiFi-GAN vocoder: exact output lengths, duration round trips, unit streams from a 25 Hz sidecar, a mel
-loss that falls, one GAN step with validation metrics and sample audio, the published size, one-line errors."""
+loss that falls, one GAN step with validation metrics and sample audio, the published size, one-line errors; the
+unit context's Mels, and a Griffin-Lim vocoder that learns them and reloads speaking the same."""
 
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ def test_output_is_320_samples_per_unit():
         padded = model(torch.tensor([[3, 4, 5, PAD_UNIT, PAD_UNIT]]), None)
     assert padded.shape == (1, 5 * SAMPLES_PER_UNIT)
     assert (padded[0, 3 * SAMPLES_PER_UNIT :] == 0).all() and padded[0, : 3 * SAMPLES_PER_UNIT].abs().sum() > 0
+
+
+def test_unit_context_feeds_the_generator_and_predicts_two_mel_frames_per_unit():
+    torch.manual_seed(0)
+    model = tiny(context_layers=2, context_hidden=24).eval()
+    units, speaker = torch.randint(0, 100, (2, 9)), torch.randn(2, 64)
+    with torch.no_grad():
+        assert model.mels(units, speaker).shape == (2, 18, 80)
+        assert model(units, speaker).shape == (2, 9 * SAMPLES_PER_UNIT)
+        later = units.clone()
+        later[:, -1] = (later[:, -1] + 1) % 100
+        assert not torch.equal(model.mels(units, speaker)[:, :2], model.mels(later, speaker)[:, :2])  # both ways
+    assert model.generator.pre.weight.shape[1] == 48  # the context's features, not the raw embeddings
+    speaking = tiny(context_layers=1, synthesis="griffin_lim")
+    assert speaking.generator is None
+    with torch.no_grad():
+        assert speaking(torch.tensor([[3, 4, PAD_UNIT]]), torch.randn(1, 64)).shape == (1, 3 * SAMPLES_PER_UNIT)
 
 
 def test_duration_round_trip():
@@ -148,6 +166,12 @@ def test_one_line_errors(tmp_path):
         UnitHiFiGANConfig.preset("huge")
     with pytest.raises(ValueError, match="must multiply to 320"):
         UnitHiFiGANConfig.preset("tiny", upsample_rates=[5, 4, 4, 2])
+    with pytest.raises(ValueError, match="unknown synthesis 'wavenet'; expected one of generator, griffin_lim"):
+        UnitHiFiGANConfig.preset("tiny", synthesis="wavenet")
+    with pytest.raises(ValueError, match="synthesis griffin_lim speaks the Mels the unit context predicts"):
+        UnitHiFiGANConfig.preset("tiny", synthesis="griffin_lim")
+    with pytest.raises(ValueError, match=r"no unit context to predict Mels \(context_layers: 0\)"):
+        tiny().mels(torch.tensor([[1, 2]]))
     speaker_checkpoint = tmp_path / "speaker.ckpt"
     torch.save({STAGE_KEY: "speaker_encoder", "state_dict": {}}, speaker_checkpoint)
     with pytest.raises(ValueError, match="a checkpoint of stage 'speaker_encoder', expected 'vocoder'"):
@@ -259,6 +283,30 @@ def test_gan_step_validation_metrics_audio_and_checkpoint(av_shards, unit_sideca
     with torch.no_grad():
         assert torch.allclose(loaded(units, speaker), module.model(units, speaker), atol=1e-6)
     assert torch.load(checkpoint, weights_only=True)["speaker_mode"] == "encoder"
+
+
+@pytest.mark.slow
+def test_griffin_lim_vocoder_learns_its_mels_and_reloads_speaking_the_same(
+    av_shards, unit_sidecar, cpu_trainer, tmp_path
+):
+    """No generator or discriminator: one optimiser on the context's Mels and the durations."""
+    torch.manual_seed(0)
+    config = {"num_units": NUM_UNITS, "context_layers": 1, "context_hidden": 32, "synthesis": "griffin_lim"}
+    module = UnitVocoder(vocoder=config, unit_rate=25, segment_units=16, lr=3e-3, total_steps=200)
+    assert module.discriminator is None
+    history = History("train/context_mel_l1")
+    trainer = cpu_trainer(max_steps=40, callbacks=[history], limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=datamodule(av_shards, unit_sidecar))
+    first, last = np.mean(history.values[:5]), np.mean(history.values[-5:])
+    assert trainer.global_step == 40 and last < 0.6 * first, (first, last)
+    for key in ("val/mel_l1", "val/context_mel_l1", "val/stoi"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+    checkpoint = tmp_path / "vocoder.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    loaded, units = load_unit_vocoder(checkpoint), torch.tensor([1, 5, 2])
+    module.model.eval()
+    assert torch.equal(loaded.synthesize(units, None, torch.tensor([2, 3, 1])),
+                       module.model.synthesize(units, None, torch.tensor([2, 3, 1])))  # fmt: skip
 
 
 def test_speaker_table_mode_and_unknown_speakers(av_shards, unit_sidecar):

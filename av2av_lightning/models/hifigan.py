@@ -5,6 +5,11 @@ upsamples x320 (``5*4*4*2*2``) through transposed convolutions, each followed by
 fusion of residual blocks (Kong et al. 2020; Polyak et al. 2021 for units). A duration predictor on
 deduplicated units predicts ``log(1 + d)``, so translated units, which arrive deduplicated, get their
 lengths back at inference. The discriminators (multi-period and multi-scale) only serve training.
+
+Units of a small or briefly trained encoder say less per frame than the published ones: with ``context_layers``
+a bidirectional LSTM reads the embedded units and speaker across the utterance and predicts the speech's Mels
+(`UnitContext`); the generator then starts from its features. ``synthesis: griffin_lim`` skips the generator and
+speaks the predicted Mels through Griffin-Lim (`mel_spectrum.griffin_lim`): no GAN to train, for CPU-minute budgets.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from av2av_lightning.models.mel_spectrum import MELS_PER_UNIT, N_MELS, griffin_lim
+
 SAMPLES_PER_UNIT = 320  # 50 Hz units at 16 kHz
 LRELU_SLOPE = 0.1
+SYNTHESES = ("generator", "griffin_lim")
 
 
 @dataclass
@@ -38,6 +46,9 @@ class UnitHiFiGANConfig:
     duration_kernel: int = 3
     duration_dropout: float = 0.5
     discriminator_width: float = 1.0  # channel multiplier of both discriminators
+    context_layers: int = 0  # bidirectional LSTM layers over the units before the generator (0: published)
+    context_hidden: int = 128  # per direction
+    synthesis: str = "generator"  # or "griffin_lim": the context's Mels through Griffin-Lim (needs context_layers)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> UnitHiFiGANConfig:
@@ -51,6 +62,10 @@ class UnitHiFiGANConfig:
             raise ValueError(f"upsample_rates {config.upsample_rates} must multiply to {SAMPLES_PER_UNIT}")
         if len(config.upsample_kernels) != len(config.upsample_rates):
             raise ValueError("upsample_kernels and upsample_rates must have the same length")
+        if config.synthesis not in SYNTHESES:
+            raise ValueError(f"unknown synthesis {config.synthesis!r}; expected one of {', '.join(SYNTHESES)}")
+        if config.synthesis == "griffin_lim" and not config.context_layers:
+            raise ValueError("synthesis griffin_lim speaks the Mels the unit context predicts: set context_layers > 0")
         return config
 
 
@@ -161,8 +176,26 @@ class HiFiGANGenerator(nn.Module):
         return torch.tanh(self.post(F.leaky_relu(x))).squeeze(1)
 
 
+class UnitContext(nn.Module):
+    """A bidirectional LSTM over the conditioned unit frames and a linear Mel head:
+    ``[B, T, C] -> (features [B, T, 2 x hidden], log-Mels [B, 2 T, 80])``."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        self.mels = nn.Linear(2 * hidden, MELS_PER_UNIT * N_MELS)
+
+    @property
+    def out_dim(self) -> int:
+        return 2 * self.lstm.hidden_size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features, _ = self.lstm(x)
+        return features, self.mels(features).reshape(x.shape[0], -1, N_MELS)
+
+
 class UnitHiFiGAN(nn.Module):
-    """Unit embedding + speaker projection -> HiFi-GAN generator; plus the duration predictor.
+    """Unit embedding + speaker projection (+ unit context) -> HiFi-GAN generator; plus the duration predictor.
 
     ``forward(units [B, T], speaker [B, speaker_dim] or None) -> wave [B, 320 * T]``; padding units
     (negative ids) become zeros in the output.
@@ -173,8 +206,10 @@ class UnitHiFiGAN(nn.Module):
         self.config = c = config or UnitHiFiGANConfig()
         self.units = nn.Embedding(c.num_units, c.unit_dim)
         self.speaker_proj = nn.Linear(c.speaker_dim, c.speaker_proj_dim) if c.speaker_dim else None
-        conditioning = c.speaker_proj_dim if c.speaker_dim else 0
-        self.generator = HiFiGANGenerator(c.unit_dim + conditioning, c)
+        frame_dim = c.unit_dim + (c.speaker_proj_dim if c.speaker_dim else 0)
+        self.context = UnitContext(frame_dim, c.context_hidden, c.context_layers) if c.context_layers else None
+        generator_input = self.context.out_dim if self.context is not None else frame_dim
+        self.generator = HiFiGANGenerator(generator_input, c) if c.synthesis == "generator" else None
         self.duration = DurationPredictor(c.unit_dim, c.duration_hidden, c.duration_kernel, c.duration_dropout)
 
     def embed_units(self, units: Tensor) -> Tensor:
@@ -185,17 +220,34 @@ class UnitHiFiGAN(nn.Module):
             )
         return self.units(units.clamp(min=0))
 
-    def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
+    def frames(self, units: Tensor, speaker: Tensor | None) -> Tensor:
+        """``[B, T, unit_dim (+ speaker_proj_dim)]``: each unit's embedding with the speaker's projection."""
         x = self.embed_units(units)
-        if self.speaker_proj is not None:
-            if speaker is None:
-                speaker = x.new_zeros(x.shape[0], self.config.speaker_dim)
-            if speaker.shape != (x.shape[0], self.config.speaker_dim):
-                raise ValueError(
-                    f"speaker embedding must be [{x.shape[0]}, {self.config.speaker_dim}], got {tuple(speaker.shape)}"
-                )
-            x = torch.cat([x, self.speaker_proj(speaker)[:, None].expand(-1, x.shape[1], -1)], dim=-1)
-        wave = self.generator(x.transpose(1, 2))
+        if self.speaker_proj is None:
+            return x
+        if speaker is None:
+            speaker = x.new_zeros(x.shape[0], self.config.speaker_dim)
+        if speaker.shape != (x.shape[0], self.config.speaker_dim):
+            raise ValueError(
+                f"speaker embedding must be [{x.shape[0]}, {self.config.speaker_dim}], got {tuple(speaker.shape)}"
+            )
+        return torch.cat([x, self.speaker_proj(speaker)[:, None].expand(-1, x.shape[1], -1)], dim=-1)
+
+    def mels(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
+        """The unit context's predicted log-Mels ``[B, 2 T, 80]`` (the `vocoder_mels` of the speech)."""
+        if self.context is None:
+            raise ValueError("this vocoder has no unit context to predict Mels (context_layers: 0)")
+        return self.context(self.frames(units, speaker))[1]
+
+    def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
+        if self.generator is None:
+            mels = self.mels(units, speaker)
+            wave = torch.stack([griffin_lim(m) for m in mels])
+        else:
+            x = self.frames(units, speaker)
+            if self.context is not None:
+                x = self.context(x)[0]
+            wave = self.generator(x.transpose(1, 2))
         valid = (units >= 0).repeat_interleave(SAMPLES_PER_UNIT, dim=1)
         return wave * valid.to(wave.dtype)
 
