@@ -148,7 +148,8 @@ def demo_stages(
         ),
         fit("pretrain", [manifest, labels / "train.km50.npz"], ("val/acc_masked_av", "val/loss")),
         Stage("spm", av2av(*spm), [pieces], [manifest]),
-        fit("mutual_learning", [pretrained, pieces], ("val/cer_video", "val/cer_audio")),
+        fit("mutual_learning_audio", [pretrained, pieces], ("val/cer_audio", "val/wer_audio")),
+        fit("mutual_learning", [runs / "mutual_learning_audio" / "last.ckpt"], ("val/cer_video", "val/cer_audio")),
         Stage(
             "noise",  # WER from A, V and AV input with white and babble noise on the audio, per SNR
             [sys.executable, "-m", "evaluation.noise_sweep", *sweep],

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 from conftest import synthetic_audio, synthetic_face
 
 from av2av_lightning.av2av import PipelineConfig, load_source_clip, write_mp4
@@ -207,7 +208,7 @@ def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatc
         "--data.num_workers",
         "0",
     ]
-    chain = ("targets", "pretrain", "spm", "mutual_learning", "units")
+    chain = ("targets", "pretrain", "spm", "mutual_learning_audio", "mutual_learning", "units")
     stages = [
         stage for stage in demo_stages(corpus, tmp_path / "runs", fit_args, train="train-*.tar") if stage.name in chain
     ]
@@ -220,6 +221,7 @@ def test_first_stages_chain_on_the_tiny_corpus(tmp_path, tiny_corpus, monkeypatc
     assert "| targets | ran |" in text and "| units | ran |" in text
     assert "| pretrain | ran |" in text and "val/acc_masked_av" in text
     assert "| mutual_learning | ran |" in text and "val/cer_video" in text
+    assert "| mutual_learning_audio | ran |" in text
     assert (tmp_path / "report" / "curves.png").exists()
 
 
@@ -233,6 +235,11 @@ def test_units_come_from_the_encoder_the_pipeline_translates_with(tmp_path):
     aligned = runs / "mutual_learning" / "last.ckpt"
     assert units[units.index("--checkpoint") + 1] == str(aligned) and aligned in stages["mutual_learning"].outputs
     assert PipelineConfig.from_yaml(runs / "configs" / "pipeline.yaml").encoder == str(aligned)
+    audio_first = runs / "mutual_learning_audio" / "last.ckpt"  # mutual learning goes on from the audio-only run
+    assert audio_first in stages["mutual_learning_audio"].outputs and audio_first in stages["mutual_learning"].inputs
+    command = stages["mutual_learning"].command
+    config = yaml.safe_load(Path(command[command.index("--config") + 1]).read_text())
+    assert config["model"]["init_args"]["pretrained"] == str(audio_first)
 
 
 def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch):
