@@ -7,7 +7,9 @@
 ``--outputs`` are ``av2av translate --shards`` folders (``index.jsonl`` + ``KEY.mp4``), e.g. one per input modality
 (``--input-modality av``, ``audio``, ``video``); ``--shards`` the split they were translated from. Each output is
 scored against the split's utterance of the same sentence (split and sentence id) in the target language: its text
-is the BLEU reference, and its own speech, transcribed by the same ASR, is the ceiling row (``reference``). With
+is the BLEU reference, and its own speech, transcribed by the same ASR, is the ceiling row (``reference``). The
+chance row (``shuffled``, per input) scores the same transcripts against the references of the direction's other
+sentences: target-language function words match any sentence, and a system must beat this row, not 0. With
 ``--speaker-encoder``: cosine similarity of each output's voice to its source speaker's own voice (on the reference
 row: the reference utterance's voice to the source voice). With ``--sync-expert``: LSE-C / LSE-D of the output
 video, and of the reference video on the reference row.
@@ -44,7 +46,7 @@ from data_prep.converters.media import fit_audio, fit_frames, read_audio, read_f
 from evaluation.published_tables import talking_face_rows, voice_rows, write_published
 from evaluation.tables import Cell, write_table
 
-SYSTEMS = ("av2av", "reference")
+SYSTEMS = ("av2av", "shuffled", "reference")
 ALL = "all"
 REFERENCE_INPUT = "-"  # the reference row is the corpus's own target-language speech, translated from no input
 # which published row a translation's video / voice belongs to, by the modality its units came from
@@ -127,8 +129,10 @@ def read_split(shards, wanted: set[str], with_face: bool) -> dict[str, Speech]:
     return found
 
 
-def update(suite: MetricSuite, scorers: Scorers, speech: Speech, text: str, lang: str, source: torch.Tensor | None):
-    """Score one utterance: its transcript against ``text``, its voice against the source's, its lip sync."""
+def update(
+    suite: MetricSuite, scorers: Scorers, speech: Speech, text: str, lang: str, source: torch.Tensor | None
+) -> str:
+    """Score one utterance: its transcript (returned) against ``text``, its voice against the source's, its lip sync."""
     transcript = scorers.transcriber([speech.wave], lang)
     suite.update(
         pred_text=transcript,
@@ -138,6 +142,18 @@ def update(suite: MetricSuite, scorers: Scorers, speech: Speech, text: str, lang
         pred_video=None if speech.face is None else [speech.face],
         pred_wave=None if speech.face is None else [speech.wave],
     )
+    return transcript[0]
+
+
+def shuffled_suite(pairs: list[tuple[str, str]]) -> MetricSuite | None:
+    """ASR-BLEU of each transcript against every other sentence's reference (all rotations): the chance level."""
+    if len(pairs) < 2:
+        return None
+    transcripts, references = zip(*pairs)
+    suite = build_suite(["asr_bleu"])
+    for shift in range(1, len(pairs)):
+        suite.update(pred_text=list(transcripts), ref_text=list(references[shift:] + references[:shift]))
+    return suite
 
 
 def merge_suites(target: MetricSuite, source: MetricSuite) -> None:
@@ -162,6 +178,7 @@ def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
     suites: dict[Group, MetricSuite] = {}
     counts: dict[Group, Counter] = defaultdict(Counter)
     referenced: set[tuple[str, str]] = set()  # (direction, source key) whose reference speech is scored
+    transcribed: dict[Group, list[tuple[str, str]]] = defaultdict(list)  # output transcripts and their references
     for folder, entry in entries:
         direction, ref = f"{entry['src_lang']}-{entry['tgt_lang']}", refs[entry["key"]]
         group = (direction, "av2av", entry.get("input", "av"))
@@ -177,17 +194,23 @@ def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
             referenced.add((direction, entry["key"]))
             scored.append(((direction, "reference", REFERENCE_INPUT), split[ref]))
         for target, speech in scored:
-            update(
-                suites.setdefault(target, scorers.suite()), scorers, speech, metas[ref].text, entry["tgt_lang"], source
-            )
+            suite = suites.setdefault(target, scorers.suite())
+            transcript = update(suite, scorers, speech, metas[ref].text, entry["tgt_lang"], source)
             counts[target]["utterances"] += 1
+            if target == group:
+                transcribed[group].append((transcript, metas[ref].text))
     if not suites:
         raise ValueError(f"{indexes}: no output could be scored ({dict(sum(counts.values(), Counter()))})")
+    for (direction, _, input), pairs in transcribed.items():
+        chance = (direction, "shuffled", input)
+        counts[chance]["utterances"] = len(pairs)
+        if (suite := shuffled_suite(pairs)) is not None:
+            suites[chance] = suite
     groups = sorted(counts, key=_group_order)
     totals = list(dict.fromkeys((ALL, system, input) for _, system, input in groups))
     for total in totals:
         members = [group for group in groups if group[1:] == total[1:]]
-        suites[total] = scorers.suite()
+        suites[total] = build_suite(["asr_bleu"]) if total[1] == "shuffled" else scorers.suite()
         for member in members:
             if member in suites:
                 merge_suites(suites[total], suites[member])
@@ -207,11 +230,14 @@ def _row(group: Group, counts: Counter, suite: MetricSuite | None, scorers: Scor
     row |= {"failed": counts["failed"], "no_reference": counts["no_reference"]}
     scores = {k: float(v) for k, v in suite.compute().items()} if suite is not None else {}
     scores = {k: v for k, v in scores.items() if not math.isnan(v)}  # e.g. LSE when no output had video
-    nothing = "n/a: no scored utterance"
+    nothing = "n/a: no scored utterance" if system != "shuffled" else "n/a: needs two scored utterances"
     row |= {key: scores.get(key, nothing) for key in ("asr_bleu", "asr_chrf")}
     absent = {"speaker_similarity": "no --speaker-encoder", "lse_c": "no --sync-expert", "lse_d": "no --sync-expert"}
     for key, reason in absent.items():
-        row[key] = scores.get(key, nothing) if key in _measured(scorers) else f"n/a: {reason}"
+        if system == "shuffled":
+            row[key] = "n/a: the chance row scores transcripts only"
+        else:
+            row[key] = scores.get(key, nothing) if key in _measured(scorers) else f"n/a: {reason}"
     return row
 
 

@@ -1,5 +1,5 @@
-"""AV2AV evaluation: BLEU per direction equal to sacrebleu, the ceiling row, optional speaker / lip-sync columns,
-one-line input errors, and the published tables' layout."""
+"""AV2AV evaluation: BLEU per direction equal to sacrebleu, the chance and ceiling rows, optional speaker /
+lip-sync columns, one-line input errors, and the published tables' layout."""
 
 from __future__ import annotations
 
@@ -111,11 +111,13 @@ def by(rows, direction, system):
     return next(r for r in rows if r["direction"] == direction and r["system"] == system)
 
 
-def test_bleu_per_direction_equals_sacrebleu_and_the_ceiling_row(outputs, split):
+def test_bleu_per_direction_equals_sacrebleu_and_the_chance_and_ceiling_rows(outputs, split):
     asr = FakeASR()
     rows = evaluate([outputs], split, Scorers(asr))
     assert [(r["direction"], r["system"], r["input"]) for r in rows] == [
-        (d, s, i) for d in ("en-fr", "es-fr", "all") for s, i in (("av2av", "audio"), ("reference", "-"))
+        (d, s, i)
+        for d in ("en-fr", "es-fr", "all")
+        for s, i in (("av2av", "audio"), ("shuffled", "audio"), ("reference", "-"))
     ]
     refs = {s: SENTENCES[s]["fr"][0] for s in ("s0", "s1")}
     expected = {
@@ -133,9 +135,18 @@ def test_bleu_per_direction_equals_sacrebleu_and_the_ceiling_row(outputs, split)
         )
     counts = {d: [by(rows, d, "av2av")[k] for k in ("utterances", "failed", "no_reference")] for d in expected}
     assert counts == {"en-fr": [2, 0, 1], "es-fr": [1, 1, 1], "all": [3, 1, 2]}
-    assert set(asr.langs) == {"fr"}
+    assert set(asr.langs) == {"fr"}  # the chance row transcribes nothing again
+    # chance: each transcript against the other sentences' references (es-fr scored one output: no other)
+    chance = sacrebleu.corpus_chrf(expected["en-fr"][0], [[refs["s1"], refs["s0"]]]).score
+    assert by(rows, "en-fr", "shuffled")["asr_chrf"] == pytest.approx(chance, abs=1e-9)
+    assert by(rows, "all", "shuffled")["asr_chrf"] == pytest.approx(chance, abs=1e-9)
+    assert by(rows, "es-fr", "shuffled")["asr_bleu"] == "n/a: needs two scored utterances"
+    assert by(rows, "en-fr", "av2av")["asr_chrf"] > chance
     for row in rows:
-        assert row["speaker_similarity"] == "n/a: no --speaker-encoder" and row["lse_c"] == "n/a: no --sync-expert"
+        if row["system"] == "shuffled":
+            assert row["speaker_similarity"] == row["lse_c"] == "n/a: the chance row scores transcripts only"
+        else:
+            assert row["speaker_similarity"] == "n/a: no --speaker-encoder" and row["lse_c"] == "n/a: no --sync-expert"
 
 
 def test_speaker_and_lip_sync_columns_with_tiny_checkpoints(outputs, split, checkpoints, tmp_path):
@@ -148,7 +159,7 @@ def test_speaker_and_lip_sync_columns_with_tiny_checkpoints(outputs, split, chec
     )  # the CLI's load_scorers with the fake ASR
     text = av2av_eval.run(args, scorers)
     rows = evaluate([outputs], split, scorers)
-    for row in rows:
+    for row in (r for r in rows if r["system"] != "shuffled"):
         assert -1.0 <= row["speaker_similarity"] <= 1.0
         assert row["lse_d"] >= 0.0 and row["lse_c"] >= 0.0
     assert by(rows, "all", "av2av")["lse_d"] != by(rows, "all", "reference")["lse_d"]
@@ -188,10 +199,16 @@ def test_one_row_per_input_and_each_reference_scored_once(outputs, split, tmp_pa
     assert [(r["direction"], r["system"], r["input"]) for r in rows] == [
         (d, s, i)
         for d in ("en-fr", "es-fr", "all")
-        for s, i in (("av2av", "audio"), ("av2av", "video"), ("reference", "-"))
+        for s, i in (
+            ("av2av", "audio"),
+            ("av2av", "video"),
+            ("shuffled", "audio"),
+            ("shuffled", "video"),
+            ("reference", "-"),
+        )
     ]
     for direction in ("en-fr", "es-fr", "all"):
-        audio, video_row, reference = (r for r in rows if r["direction"] == direction)
+        audio, video_row, _, _, reference = (r for r in rows if r["direction"] == direction)
         assert {k: v for k, v in audio.items() if k != "input"} == {k: v for k, v in video_row.items() if k != "input"}
         assert reference["utterances"] == audio["utterances"] and reference["failed"] == 0
     assert len(asr.langs) == 3 * 2 + 3  # 3 outputs for each of 2 inputs, and their 3 references once
