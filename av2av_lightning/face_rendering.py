@@ -49,7 +49,7 @@ from av2av_lightning.models.face_renderer import (
     unit_windows,
 )
 from av2av_lightning.models.syncnet import SYNC_FRAMES, SyncNet
-from av2av_lightning.optim import stage_optimizer
+from av2av_lightning.optim import manual_step, stage_optimizer
 from av2av_lightning.sync_expert import load_sync_expert
 
 STAGE = "face_rendering"
@@ -228,10 +228,7 @@ class FaceRendering(L.LightningModule):
             real_logits = self.discriminator(target.flatten(0, 1))
             fake_logits = self.discriminator(generated.detach().flatten(0, 1))
             loss_d = gan_loss(real_logits, True) + gan_loss(fake_logits, False)
-            opt_d[0].zero_grad()
-            self.manual_backward(loss_d)
-            opt_d[0].step()
-            sched_d[0].step()
+            manual_step(self, opt_d[0], sched_d[0], loss_d)
             logs["train/loss_d"] = loss_d
         l1, mouth = F.l1_loss(generated, target), self.mouth_error(generated, target)
         mouth_term = self.mouth_error(generated, target, squared=True) if self.hparams.mouth_loss == "l2" else mouth
@@ -245,10 +242,7 @@ class FaceRendering(L.LightningModule):
             adversarial = gan_loss(self.discriminator(generated.flatten(0, 1)), True)
             loss = loss + self.hparams.adversarial_weight * adversarial
             logs["train/adversarial"] = adversarial
-        opt_g.zero_grad()
-        self.manual_backward(loss)
-        opt_g.step()
-        sched_g.step()
+        manual_step(self, opt_g, sched_g, loss)
         self.log_dict({"train/loss": loss, **logs}, prog_bar=True, batch_size=len(batch))
         return loss.detach()
 

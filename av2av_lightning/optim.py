@@ -75,3 +75,12 @@ def stage_optimizer(stage, parameters: nn.Module, **overrides) -> dict:
     if "eps" in hparams:
         settings["eps"] = hparams.eps
     return adam_with_schedule(parameters, **{**settings, **overrides})
+
+
+def manual_step(stage, optimizer, scheduler, loss: torch.Tensor) -> None:
+    """One optimiser and schedule step on ``loss`` for a stage with manual optimisation (the GAN stages, which
+    step a discriminator and a generator in turn)."""
+    optimizer.zero_grad()
+    stage.manual_backward(loss)
+    optimizer.step()
+    scheduler.step()

@@ -42,7 +42,7 @@ from av2av_lightning.models.hifigan import (
     expand,
 )
 from av2av_lightning.models.mel_spectrum import MELS_PER_UNIT, vocoder_mels
-from av2av_lightning.optim import stage_optimizer
+from av2av_lightning.optim import manual_step, stage_optimizer
 from av2av_lightning.speaker_encoding import load_speaker_encoder
 
 STAGE = "vocoder"
@@ -247,10 +247,7 @@ class UnitVocoder(L.LightningModule):
             context_mel = self.context_mel_loss(context_units, speaker, context_wave)
             loss_g = loss_g + self.hparams.context_mel_weight * context_mel
             logs["train/context_mel_l1"] = context_mel
-        optimizer.zero_grad()
-        self.manual_backward(loss_g)
-        optimizer.step()
-        scheduler.step()
+        manual_step(self, optimizer, scheduler, loss_g)
         logs["train/loss_g"] = loss_g
         self.log_dict(logs, prog_bar=True, batch_size=len(batch))
 
@@ -270,10 +267,7 @@ class UnitVocoder(L.LightningModule):
             real_scores, _ = self.discriminator(real)
             fake_scores, _ = self.discriminator(fake.detach())
             loss_d = discriminator_loss(real_scores, fake_scores)
-            opt_d.zero_grad()
-            self.manual_backward(loss_d)
-            opt_d.step()
-            sched_d.step()
+            manual_step(self, opt_d, sched_d, loss_d)
             logs["train/loss_d"] = loss_d
         mel = F.l1_loss(vocoder_mels(fake), vocoder_mels(real))
         logs["train/mel_l1"] = mel
