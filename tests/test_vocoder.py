@@ -86,6 +86,11 @@ def test_unit_context_feeds_the_generator_and_predicts_two_mel_frames_per_unit()
         later[:, -1] = (later[:, -1] + 1) % 100
         assert not torch.equal(model.mels(units, speaker)[:, :2], model.mels(later, speaker)[:, :2])  # both ways
     assert model.generator.pre.weight.shape[1] == 48  # the context's features, not the raw embeddings
+    with torch.no_grad():  # a padded batch gives each row's own Mels: padding never reaches the backward direction
+        short = units[1:, :5]
+        batch = torch.cat([units[:1], torch.cat([short, torch.full((1, 4), PAD_UNIT)], dim=1)])
+        alone = model.mels(short, speaker[1:])
+        assert torch.allclose(model.mels(batch, speaker)[1:, :10], alone, atol=1e-5)
     speaking = tiny(context_layers=1, synthesis="griffin_lim")
     assert speaking.generator is None
     with torch.no_grad():

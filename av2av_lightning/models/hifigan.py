@@ -102,6 +102,11 @@ def durations_from_log(log_durations: Tensor) -> Tensor:
     return torch.clamp(torch.round(torch.exp(log_durations) - 1), min=1).long()
 
 
+def unit_lengths(units: Tensor) -> Tensor:
+    """Real units per row of ``[B, T]`` (padding, negative ids, only at the end)."""
+    return (units >= 0).sum(dim=1)
+
+
 class DurationPredictor(nn.Module):
     """Two (conv -> ReLU -> LayerNorm -> dropout) layers and a linear head: ``[B, U, C] -> log(1 + d) [B, U]``."""
 
@@ -178,7 +183,8 @@ class HiFiGANGenerator(nn.Module):
 
 class UnitContext(nn.Module):
     """A bidirectional LSTM over the conditioned unit frames and a linear Mel head:
-    ``[B, T, C] -> (features [B, T, 2 x hidden], log-Mels [B, 2 T, 80])``."""
+    ``[B, T, C], lengths [B] -> (features [B, T, 2 x hidden], log-Mels [B, 2 T, 80])``. Rows are packed to their
+    lengths, so padding never reaches the backward direction: a batch gives what its rows give one by one."""
 
     def __init__(self, in_dim: int, hidden: int, layers: int) -> None:
         super().__init__()
@@ -189,8 +195,11 @@ class UnitContext(nn.Module):
     def out_dim(self) -> int:
         return 2 * self.lstm.hidden_size
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features, _ = self.lstm(x)
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        features, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
         return features, self.mels(features).reshape(x.shape[0], -1, N_MELS)
 
 
@@ -237,7 +246,7 @@ class UnitHiFiGAN(nn.Module):
         """The unit context's predicted log-Mels ``[B, 2 T, 80]`` (the `vocoder_mels` of the speech)."""
         if self.context is None:
             raise ValueError("this vocoder has no unit context to predict Mels (context_layers: 0)")
-        return self.context(self.frames(units, speaker))[1]
+        return self.context(self.frames(units, speaker), unit_lengths(units))[1]
 
     def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
         if self.generator is None:
@@ -246,7 +255,7 @@ class UnitHiFiGAN(nn.Module):
         else:
             x = self.frames(units, speaker)
             if self.context is not None:
-                x = self.context(x)[0]
+                x = self.context(x, unit_lengths(units))[0]
             wave = self.generator(x.transpose(1, 2))
         valid = (units >= 0).repeat_interleave(SAMPLES_PER_UNIT, dim=1)
         return wave * valid.to(wave.dtype)
