@@ -146,13 +146,18 @@ def update(
 
 
 def shuffled_suite(pairs: list[tuple[str, str]]) -> MetricSuite | None:
-    """ASR-BLEU of each transcript against every other sentence's reference (all rotations): the chance level."""
-    if len(pairs) < 2:
+    """ASR-BLEU of each transcript against the reference of every other sentence (all rotations, skipping those
+    that land on the same sentence, as another speaker's clip of it would): the chance level."""
+    chance = [
+        (transcript, pairs[(index + shift) % len(pairs)][1])
+        for shift in range(1, len(pairs))
+        for index, (transcript, reference) in enumerate(pairs)
+        if pairs[(index + shift) % len(pairs)][1] != reference
+    ]
+    if not chance:
         return None
-    transcripts, references = zip(*pairs)
     suite = build_suite(["asr_bleu"])
-    for shift in range(1, len(pairs)):
-        suite.update(pred_text=list(transcripts), ref_text=list(references[shift:] + references[:shift]))
+    suite.update(pred_text=[t for t, _ in chance], ref_text=[r for _, r in chance])
     return suite
 
 
@@ -230,7 +235,7 @@ def _row(group: Group, counts: Counter, suite: MetricSuite | None, scorers: Scor
     row |= {"failed": counts["failed"], "no_reference": counts["no_reference"]}
     scores = {k: float(v) for k, v in suite.compute().items()} if suite is not None else {}
     scores = {k: v for k, v in scores.items() if not math.isnan(v)}  # e.g. LSE when no output had video
-    nothing = "n/a: no scored utterance" if system != "shuffled" else "n/a: needs two scored utterances"
+    nothing = "n/a: no scored utterance" if system != "shuffled" else "n/a: needs two scored sentences"
     row |= {key: scores.get(key, nothing) for key in ("asr_bleu", "asr_chrf")}
     absent = {"speaker_similarity": "no --speaker-encoder", "lse_c": "no --sync-expert", "lse_d": "no --sync-expert"}
     for key, reason in absent.items():

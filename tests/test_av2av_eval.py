@@ -140,7 +140,7 @@ def test_bleu_per_direction_equals_sacrebleu_and_the_chance_and_ceiling_rows(out
     chance = sacrebleu.corpus_chrf(expected["en-fr"][0], [[refs["s1"], refs["s0"]]]).score
     assert by(rows, "en-fr", "shuffled")["asr_chrf"] == pytest.approx(chance, abs=1e-9)
     assert by(rows, "all", "shuffled")["asr_chrf"] == pytest.approx(chance, abs=1e-9)
-    assert by(rows, "es-fr", "shuffled")["asr_bleu"] == "n/a: needs two scored utterances"
+    assert by(rows, "es-fr", "shuffled")["asr_bleu"] == "n/a: needs two scored sentences"
     assert by(rows, "en-fr", "av2av")["asr_chrf"] > chance
     for row in rows:
         if row["system"] == "shuffled":
@@ -187,6 +187,16 @@ def test_missing_index_and_foreign_keys_are_one_line_errors(outputs, split, tmp_
     (foreign / INDEX_NAME).write_text("\n".join([*entries, json.dumps(entry)]) + "\n")
     with pytest.raises(ValueError, match=r"1 output key\(s\) not in the shards \(first: elsewhere_0001\)$"):
         evaluate([foreign], split, Scorers(FakeASR()))
+
+
+def test_the_chance_row_never_pairs_a_transcript_with_its_own_sentence():
+    """Two speakers' clips of one sentence: rotating them onto each other would score a match, not chance."""
+    pairs = [("le chat dort", "le chat dort"), ("le chat", "le chat dort"), ("un chien court", "un grand chien court")]
+    hyps = ["le chat dort", "le chat", "un chien court", "un chien court"]
+    refs = ["un grand chien court", "un grand chien court", "le chat dort", "le chat dort"]
+    chrf = av2av_eval.shuffled_suite(pairs).compute()["asr_chrf"]
+    assert float(chrf) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-6)
+    assert av2av_eval.shuffled_suite(pairs[:2]) is None  # one sentence only: no chance pairing
 
 
 def test_one_row_per_input_and_each_reference_scored_once(outputs, split, tmp_path):
