@@ -143,8 +143,9 @@ class UnitVocoder(L.LightningModule):
             overrides["speaker_dim"] = 0
         self.config = UnitHiFiGANConfig.preset(preset, **overrides)
         self.model = UnitHiFiGAN(self.config)
-        speaks_through_generator = self.model.generator is not None
-        self.discriminator = HiFiGANDiscriminator(self.config.discriminator_width) if speaks_through_generator else None
+        self.discriminator = None
+        if self.model.generator is not None:
+            self.discriminator = HiFiGANDiscriminator(self.config.discriminator_width)
         self.speech_metrics = nn.ModuleList([STOI(), ESTOI(), PESQ()])
 
     def setup(self, stage: str) -> None:
@@ -236,13 +237,14 @@ class UnitVocoder(L.LightningModule):
         duration = self.duration_loss(units, lengths)
         loss_g = self.hparams.duration_weight * duration
         logs = {"train/duration_mse": duration}
-        if self.discriminator is None:  # no generator: the context reads whole utterances (an LSTM costs little)
-            optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        (optimizer, scheduler), discriminator_step = self.optimiser_pairs()
+        if discriminator_step is None:  # no generator: the context reads whole utterances (an LSTM costs little)
             context_units, context_wave = units, batch.wave[:, : units.shape[1] * SAMPLES_PER_UNIT]
         else:
-            (optimizer, _), (scheduler, _) = self.optimizers(), self.lr_schedulers()
             context_units, context_wave = self.segments(units, lengths, batch.wave)
-            loss_g = loss_g + self.generator_loss(context_units, speaker, context_wave, logs)
+            use_gan = scheduler.last_epoch >= self.hparams.gan_start_step
+            gan_step = discriminator_step if use_gan else None
+            loss_g = loss_g + self.generator_loss(context_units, speaker, context_wave, gan_step, logs)
         if self.model.context is not None:
             context_mel = self.context_mel_loss(context_units, speaker, context_wave)
             loss_g = loss_g + self.hparams.context_mel_weight * context_mel
@@ -258,21 +260,29 @@ class UnitVocoder(L.LightningModule):
         valid = (units >= 0).repeat_interleave(MELS_PER_UNIT, dim=1)
         return (predicted - real).abs()[valid].mean()
 
-    def generator_loss(self, units: Tensor, speaker: Tensor | None, real: Tensor, logs: dict) -> Tensor:
-        """The generator's speech terms; a discriminator step first once the GAN is on (``gan_start_step``)."""
-        opt_d, sched_d = self.optimizers()[1], self.lr_schedulers()[1]
+    def optimiser_pairs(self) -> tuple[tuple, tuple | None]:
+        """(optimiser, schedule) of the generator side, and of the discriminator (None without one)."""
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        if self.discriminator is None:
+            return (optimizers, schedulers), None
+        return (optimizers[0], schedulers[0]), (optimizers[1], schedulers[1])
+
+    def generator_loss(
+        self, units: Tensor, speaker: Tensor | None, real: Tensor, gan_step: tuple | None, logs: dict
+    ) -> Tensor:
+        """The generator's speech terms; with the GAN on (``gan_step``: the discriminator's optimiser and schedule),
+        a discriminator step first."""
         fake = self.model(units, speaker)
-        use_gan = self.lr_schedulers()[0].last_epoch >= self.hparams.gan_start_step
-        if use_gan:
+        if gan_step is not None:
             real_scores, _ = self.discriminator(real)
             fake_scores, _ = self.discriminator(fake.detach())
             loss_d = discriminator_loss(real_scores, fake_scores)
-            manual_step(self, opt_d, sched_d, loss_d)
+            manual_step(self, *gan_step, loss_d)
             logs["train/loss_d"] = loss_d
         mel = F.l1_loss(vocoder_mels(fake), vocoder_mels(real))
         logs["train/mel_l1"] = mel
         loss = self.hparams.mel_weight * mel
-        if use_gan:
+        if gan_step is not None:
             fake_scores, fake_features = self.discriminator(fake)
             with torch.no_grad():
                 _, real_features = self.discriminator(real)

@@ -297,7 +297,7 @@ def test_griffin_lim_vocoder_learns_its_mels_and_reloads_speaking_the_same(
     """No generator or discriminator: one optimiser on the context's Mels and the durations."""
     torch.manual_seed(0)
     config = {"num_units": NUM_UNITS, "context_layers": 1, "context_hidden": 32, "synthesis": "griffin_lim"}
-    module = UnitVocoder(vocoder=config, unit_rate=25, segment_units=16, lr=3e-3, total_steps=200)
+    module = UnitVocoder(vocoder=config, unit_rate=25, lr=3e-3, total_steps=200)
     assert module.discriminator is None
     history = History("train/context_mel_l1")
     trainer = cpu_trainer(max_steps=40, callbacks=[history], limit_val_batches=1, default_root_dir=tmp_path)

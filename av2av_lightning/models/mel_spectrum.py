@@ -23,7 +23,6 @@ __all__ = ["MELS_PER_UNIT", "N_MELS", "griffin_lim", "vocoder_mels"]
 
 N_FFT, HOP, WINDOW, N_MELS, F_MAX = 1024, 160, 640, 80, 8000
 MELS_PER_UNIT = 2  # 100 Hz frames per 50 Hz unit
-LOG_FLOOR = 1e-5
 
 
 def vocoder_mels(wave: Tensor) -> Tensor:
