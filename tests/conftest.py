@@ -165,6 +165,18 @@ def cpu_trainer():
     return make
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the DDP tests' ranks compute with one thread each, and a sum split over
+    another number of threads rounds differently (enough to move a gradient by 1e-5 and PESQ by 0.03)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_corpus_config():
     from dataclasses import replace
 

@@ -26,6 +26,7 @@ from tests.test_face_renderer import SMALL as RENDERER
 from tests.test_mutual_learning import word_list  # noqa: F401 (a fixture)
 from tests.test_vocoder import NUM_UNITS, unit_sidecar  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # as each rank computes (`one_thread`)
 UNUSED_PARAMETERS = {"strategy": "ddp_find_unused_parameters_true"}
 BATCH_TENSORS = ("audio", "video", "lengths", "padding_mask", "wave", "wave_lengths", "face", "labels", "label_lengths")
 ENCODER = {"embed_dim": 32, "layers": 1, "ffn_dim": 64, "heads": 2, "resnet_width": 4, **DETERMINISTIC}

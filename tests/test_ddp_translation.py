@@ -21,6 +21,7 @@ from av2av_lightning.data.unit_pairs import ExactlyOnceSampler, UnitPairBatch, U
 from av2av_lightning.translation import UnitTranslation
 from tests.test_ddp import StepRecorder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # as each rank computes (`one_thread`)
 UNITS = 12
 LANGUAGES = ("en", "es", "fr")
 TRANSLATOR = {"num_units": UNITS, "languages": list(LANGUAGES), "dim": 32, "ffn_dim": 64, "heads": 2}
