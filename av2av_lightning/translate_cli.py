@@ -5,17 +5,17 @@ One clip: ``av2av translate --pipeline CONFIG --input clip.mp4 --src en --tgt es
 ordinary video (frames larger than a prepared crop, or ``--real-footage``) has its face tracked, cropped and the
 translated face pasted back at the original resolution; ``--face-index`` picks one of several faces (0 = largest).
 
-Batch: ``av2av translate --pipeline CONFIG --shards 'test-*.tar' --tgt es --out DIR`` translates every sample of
-the split whose language is not the target (``--src`` keeps one source language) into ``DIR/KEY.mp4`` +
-``DIR/KEY.json``, and writes ``DIR/index.jsonl``: one line per sample with its key, languages, source text and
-outputs, or the one-line error that stopped it.
+Batch: ``av2av translate --pipeline CONFIG --shards 'test-*.tar' --tgt es fr --out DIR`` translates every sample of
+the split into each target language but its own (``--src`` keeps one source language) as ``DIR/KEY.TGT.mp4`` +
+``DIR/KEY.TGT.json``, and writes ``DIR/index.jsonl``: one line per translation with its key, languages, source text
+and outputs, or the one-line error that stopped it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,39 +69,50 @@ def iter_shard_clips(shards) -> Iterator[tuple[SampleMeta, SourceClip | ValueErr
 def translate_shards(
     pipeline: AV2AVPipeline,
     shards,
-    tgt_lang: str,
+    tgt_langs: str | Sequence[str],
     out_dir: str | Path,
     input: str = "av",
     src_lang: str | None = None,
     limit: int | None = None,
 ) -> Path:
-    """Translate every sample of ``shards`` not already in ``tgt_lang`` (only ``src_lang`` ones when given; the first
-    ``limit`` of them when given) and write the outputs and ``index.jsonl`` into ``out_dir``; a sample that fails
-    gets its error in the index."""
+    """Translate every sample of ``shards`` (only ``src_lang`` ones when given; the first ``limit`` of them when
+    given) into each of ``tgt_langs`` but its own language, and write the outputs and ``index.jsonl`` into
+    ``out_dir``; a translation that fails gets its error in the index."""
+    tgt_langs = [tgt_langs] if isinstance(tgt_langs, str) else list(tgt_langs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipeline.check_languages(*filter(None, (src_lang, tgt_lang)))
+    pipeline.check_languages(*filter(None, (src_lang, *tgt_langs)))
     index = out_dir / INDEX_NAME
     written = 0
     with open(index, "w") as handle:
         for meta, clip in iter_shard_clips(shards):
-            if meta.lang == tgt_lang or (src_lang and meta.lang != src_lang):
+            targets = [lang for lang in tgt_langs if lang != meta.lang]
+            if not targets or (src_lang and meta.lang != src_lang):
                 continue
             if limit is not None and written >= limit:
                 break
             written += 1
-            entry = {"key": meta.key, "src_lang": meta.lang, "tgt_lang": tgt_lang, "input": input, "text": meta.text}
-            try:
-                if isinstance(clip, ValueError):
-                    raise clip
-                result = pipeline.translate(clip, meta.lang, tgt_lang, input)
-                mp4, sidecar = save_translation(result, out_dir / f"{meta.key}.mp4", {"key": meta.key})
-                entry.update(output=mp4.name, json=sidecar.name, frames=result.num_frames, units=len(result.units))
-                entry.update(transcript=result.transcript, stage_seconds=result.seconds)
-            except ValueError as err:
-                entry["error"] = str(err)
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            for tgt_lang in targets:
+                entry = translate_entry(pipeline, meta, clip, tgt_lang, input, out_dir)
+                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
     return index
+
+
+def translate_entry(
+    pipeline: AV2AVPipeline, meta: SampleMeta, clip: SourceClip | ValueError, tgt_lang: str, input: str, out_dir: Path
+) -> dict:
+    """The index line of one sample translated into ``tgt_lang`` (``out_dir/KEY.TGT.mp4``), or of why it failed."""
+    entry = {"key": meta.key, "src_lang": meta.lang, "tgt_lang": tgt_lang, "input": input, "text": meta.text}
+    try:
+        if isinstance(clip, ValueError):
+            raise clip
+        result = pipeline.translate(clip, meta.lang, tgt_lang, input)
+        mp4, sidecar = save_translation(result, out_dir / f"{meta.key}.{tgt_lang}.mp4", {"key": meta.key})
+        entry.update(output=mp4.name, json=sidecar.name, frames=result.num_frames, units=len(result.units))
+        entry.update(transcript=result.transcript, stage_seconds=result.seconds)
+    except ValueError as err:
+        entry["error"] = str(err)
+    return entry
 
 
 def load_pipeline(args: argparse.Namespace) -> AV2AVPipeline:
@@ -118,17 +129,20 @@ def _translate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{args.input}: no such input file")  # before loading every stage
     if args.shards and (args.real_footage or args.face_index is not None):
         raise ValueError("--real-footage and --face-index apply to one --input clip, not to --shards")
+    if args.input is not None and len(args.tgt) > 1:
+        raise ValueError(f"--tgt {' '.join(args.tgt)}: one clip goes into one target language (several: --shards)")
     pipeline = load_pipeline(args)
     if args.shards:
         index = translate_shards(pipeline, args.shards, args.tgt, args.out, args.input_modality, args.src, args.limit)
         entries = [json.loads(line) for line in index.read_text().splitlines()]
         failed = sum("error" in e for e in entries)
-        print(f"{index}: {len(entries) - failed} translated, {failed} failed ({args.src or 'any'} -> {args.tgt})")
+        targets = " ".join(args.tgt)
+        print(f"{index}: {len(entries) - failed} translated, {failed} failed ({args.src or 'any'} -> {targets})")
         return
     if args.src is None:
         raise ValueError("--src is required with --input (the language spoken in the clip)")
     real_footage = True if args.real_footage else None  # None: decided by the frame size
-    result = pipeline.translate(args.input, args.src, args.tgt, args.input_modality, real_footage, args.face_index)
+    result = pipeline.translate(args.input, args.src, args.tgt[0], args.input_modality, real_footage, args.face_index)
     save_and_report(result, args.out, {"input_file": str(args.input)})
 
 
@@ -153,7 +167,7 @@ def add_arguments(commands) -> None:
     parser.add_argument("--input", type=Path, help="a video with sound, a silent video, or an audio file")
     parser.add_argument("--shards", help="batch mode: a shard pattern, e.g. 'data/demo/sentences/test-*.tar'")
     parser.add_argument("--src", help="source language (batch mode: only samples in it; default every other)")
-    parser.add_argument("--tgt", required=True, help="target language")
+    parser.add_argument("--tgt", required=True, nargs="+", help="target language (batch mode: one or more)")
     parser.add_argument("--input-modality", choices=INPUTS, default="av", help="what the encoder sees")
     parser.add_argument(
         "--real-footage",

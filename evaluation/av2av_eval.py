@@ -92,8 +92,9 @@ def load_index(outputs: Path) -> list[dict]:
     return [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
 
 
-def reference_keys(entries: list[dict], metas: dict[str, SampleMeta], index: str) -> dict[str, str | None]:
-    """Output key -> key of the split's utterance of the same sentence in the target language (None if none)."""
+def reference_keys(entries: list[dict], metas: dict[str, SampleMeta], index: str) -> dict[tuple[str, str], str | None]:
+    """(source key, target language) -> key of the split's utterance of the same sentence in the target language
+    (None if none)."""
     missing = [e["key"] for e in entries if e["key"] not in metas]
     if missing:
         raise ValueError(f"{index}: {len(missing)} output key(s) not in the shards (first: {missing[0]})")
@@ -105,7 +106,7 @@ def reference_keys(entries: list[dict], metas: dict[str, SampleMeta], index: str
     for entry in entries:
         meta = metas[entry["key"]]
         keys = sorted(by_sentence.get((meta.split, meta.sentence_id, entry["tgt_lang"]), []))
-        refs[entry["key"]] = keys[0] if keys else None
+        refs[entry["key"], entry["tgt_lang"]] = keys[0] if keys else None
     return refs
 
 
@@ -178,14 +179,14 @@ def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
     indexes = ", ".join(str(Path(folder) / INDEX_NAME) for folder in outputs)
     refs = reference_keys([entry for _, entry in entries], metas, indexes)
     with_face = scorers.sync_expert is not None
-    wanted = {k for _, e in entries for k in (e["key"], refs[e["key"]]) if k}
+    wanted = {k for _, e in entries for k in (e["key"], refs[e["key"], e["tgt_lang"]]) if k}
     split = read_split(shards, wanted, with_face)
     suites: dict[Group, MetricSuite] = {}
     counts: dict[Group, Counter] = defaultdict(Counter)
     referenced: set[tuple[str, str]] = set()  # (direction, source key) whose reference speech is scored
     transcribed: dict[Group, list[tuple[str, str]]] = defaultdict(list)  # output transcripts and their references
     for folder, entry in entries:
-        direction, ref = f"{entry['src_lang']}-{entry['tgt_lang']}", refs[entry["key"]]
+        direction, ref = f"{entry['src_lang']}-{entry['tgt_lang']}", refs[entry["key"], entry["tgt_lang"]]
         group = (direction, "av2av", entry.get("input", "av"))
         if "error" in entry:
             counts[group]["failed"] += 1

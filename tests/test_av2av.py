@@ -333,6 +333,45 @@ def test_batch_mode_writes_one_output_per_sample_and_an_index(config, tmp_path):
     assert [e["key"] for e in entries] == [k for k in shards.keys if shards.metas[k].lang == "es"]
 
 
+def test_batch_mode_translates_each_sample_into_every_other_target(config, tmp_path, capsys):
+    shards = write_set(tmp_path / "shards", [8, 12, 6, 9], per_shard=2, langs=("en", "es"))
+    yaml_path = tmp_path / "pipeline.yaml"
+    yaml_path.write_text(yaml.safe_dump({k: v for k, v in vars(config).items() if v is not None} | {"beam_size": 1}))
+    out = tmp_path / "batch"
+    run_cli(["--pipeline", str(yaml_path), "--shards", shards.pattern, "--tgt", "en", "es", "fr", "--out", str(out)])
+    entries = [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
+    expected = [(k, t) for k in shards.keys for t in ("en", "es", "fr") if t != shards.metas[k].lang]
+    assert [(e["key"], e["tgt_lang"]) for e in entries] == expected
+    assert all(e["output"] == f"{e['key']}.{e['tgt_lang']}.mp4" and (out / e["output"]).is_file() for e in entries)
+    assert f"{len(expected)} translated, 0 failed (any -> en es fr)" in capsys.readouterr().out
+    run_cli(
+        [
+            "--pipeline",
+            str(yaml_path),
+            "--shards",
+            shards.pattern,
+            "--tgt",
+            "es",
+            "fr",
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    entries = [json.loads(line) for line in (out / INDEX_NAME).read_text().splitlines()]
+    assert len({e["key"] for e in entries}) == 2  # the limit counts samples, not translations
+
+
+def test_one_clip_into_several_targets_is_refused_in_one_line(config, tmp_path):
+    source = write_clip(tmp_path / "clip.mp4", frames=12, fps=25, rate=16000, channels=1)
+    argv = ["--pipeline", "unread.yaml", "--input", str(source), "--src", "en", "--tgt", "es", "fr", "--out", "o.mp4"]
+    with pytest.raises(
+        ValueError, match=r"^--tgt es fr: one clip goes into one target language \(several: --shards\)$"
+    ):
+        run_cli(argv)
+
+
 def test_synthesis_follows_given_durations_instead_of_predicting_them(pipeline):
     """Resynthesis passes a clip's own durations: the speech lasts exactly as long, 320 samples per 50 Hz unit."""
     units, durations = [1, 2, 3], [4, 1, 3]  # 8 units at 50 Hz: 4 video frames

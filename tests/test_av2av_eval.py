@@ -55,10 +55,12 @@ def write_parallel_shards(out: Path) -> str:
 
 
 class FakeASR:
-    """Recognises an utterance by its length: known strings for every output and reference."""
+    """Recognises an utterance by its length: known strings for every output and reference (French ones as
+    ``CEILING`` hears them, the others word for word)."""
 
     def __init__(self) -> None:
-        self.texts = {frames: text for frames, text in HEARD.values()}
+        self.texts = {frames: text for langs in SENTENCES.values() for text, frames in langs.values()}
+        self.texts |= {frames: text for frames, text in HEARD.values()}
         self.texts |= {SENTENCES[s]["fr"][1]: text for s, text in CEILING.items()}
         self.langs: list[str | None] = []
 
@@ -222,6 +224,25 @@ def test_one_row_per_input_and_each_reference_scored_once(outputs, split, tmp_pa
         assert {k: v for k, v in audio.items() if k != "input"} == {k: v for k, v in video_row.items() if k != "input"}
         assert reference["utterances"] == audio["utterances"] and reference["failed"] == 0
     assert len(asr.langs) == 3 * 2 + 3  # 3 outputs for each of 2 inputs, and their 3 references once
+
+
+def test_outputs_in_several_target_languages_each_meet_their_own_reference(split, tmp_path):
+    """One index with every Spanish source in two target languages: each output is scored against the reference of its
+    own target language (and the reference speech of each target is heard once per source)."""
+    out = tmp_path / "two_targets"
+    translate_shards(FakePipeline(), split, ["en", "fr"], out, input="audio", src_lang="es")
+    asr = FakeASR()
+    rows = evaluate([out], split, Scorers(asr))
+    assert sorted({r["direction"] for r in rows}) == ["all", "es-en", "es-fr"]
+    heard = {key: text for key, (_, text) in HEARD.items()}
+    english = [SENTENCES[s]["en"][0] for s in ("s0", "s1", "s2")]
+    hyps = [heard[f"test_{s}_es"] for s in ("s0", "s1", "s2")]
+    assert by(rows, "es-en", "av2av")["asr_bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu(hyps, [english]).score, abs=1e-9
+    )
+    assert by(rows, "es-en", "reference")["asr_bleu"] == pytest.approx(100.0)  # English references heard as said
+    assert by(rows, "es-fr", "reference")["utterances"] == 2 and by(rows, "es-fr", "av2av")["no_reference"] == 1
+    assert sorted(asr.langs) == ["en"] * 6 + ["fr"] * 4  # es-en: 3 outputs + 3 references; es-fr: 2 + 2
 
 
 # ---------------------------------------------------------------------------- published tables
