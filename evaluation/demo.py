@@ -43,6 +43,10 @@ TIMES_NAME = "stage_times.json"
 LOSS_COLUMNS = ("train/loss", "train/loss_g")  # the curve of a stage: its first logged column of these
 NOISE_SNRS = ("-20", "-5", "10")  # dB; 7 passes (clean + 2 noises x 3) of 2 batches of test sentences
 NOISE_BATCHES = "2"
+LANGUAGES = ("en", "es", "fr")  # the corpus's; stage `translate` takes every sample into the two others
+EVAL_SAMPLES = "24"  # the first 24 unseen-speaker samples (8 sentences x 3 languages): 8 clips per direction
+CLIPS_SHOWN = 6  # translated clips the report shows beside their sources
+UNITS = 100  # k of stage `units`: the translator's, vocoder's and face renderer's num_units in experiments/demo/
 CLIPS_DIR = "clips"  # REPORT/clips: the translated MP4s and their sources
 
 
@@ -116,7 +120,7 @@ def demo_stages(
     pieces, transcriber = runs / "spm.model", runs / "transcriber" / "last.ckpt"
     evaluation = runs / "eval"
     translate = [
-        "translate", "--pipeline", str(pipeline), "--shards", unseen, "--src", "en", "--tgt", "es", "--limit", "6",
+        "translate", "--pipeline", str(pipeline), "--shards", unseen, "--tgt", *LANGUAGES, "--limit", EVAL_SAMPLES,
     ]  # fmt: skip
     translations = [  # stage, encoder input, output folder: AV, A and V input of the same clips
         ("translate", "av", translated),
@@ -128,7 +132,7 @@ def demo_stages(
 
     mfcc = ["cluster", "mfcc", "--k", "50", "--sample-fraction", "0.1", "--quiet", "--out", str(labels)]
     layer = ["--checkpoint", str(aligned), "--layer", "3", "--modality", "audio", "--device", "cpu", "--quiet"]
-    extract = ["extract", *layer, "--k", "50", "--out", str(units), "--shards", train_shards]
+    extract = ["extract", *layer, "--k", str(UNITS), "--out", str(units), "--shards", train_shards]
     frames = ["cluster", "layer", *layer, "--quantizer", str(units / "kmeans.npz"), "--out", str(frame_units)]
     sweep = [
         "--checkpoint", str(aligned), "--shards", str(sentences / "test-*.tar"), "--out", str(noise),
@@ -170,14 +174,14 @@ def demo_stages(
         Stage(
             "face_units",  # the units' quantizer at 25 Hz: frame-aligned, as the face renderer reads them
             av2av(*frames, *labels_of(split, "train", "test_unseen")),
-            [frame_units / "train.km50.npz", frame_units / "test_unseen.km50.npz"],
+            [frame_units / f"{s}.km{UNITS}.npz" for s in ("train", "test_unseen")],
             [aligned, units / "train.units.npz"],
         ),
-        fit("face", [frame_units / "train.km50.npz"], ("val/psnr", "val/l1")),
+        fit("face", [frame_units / f"train.km{UNITS}.npz"], ("val/psnr", "val/l1")),
         fit("transcriber", [pieces], ("val/cer_audio", "val/wer_audio")),
         *(
             Stage(
-                name,  # six unseen-speaker English clips into Spanish; the report shows the AV ones beside their sources
+                name,  # unseen-speaker clips into both other languages; the report shows AV ones beside their sources
                 av2av(*translate, "--input-modality", modality, "--out", str(folder)),
                 [folder / "index.jsonl"],
                 [PIPELINE_CONFIG, *(runs / n / "last.ckpt" for n in ("translation", "vocoder", "face", "transcriber"))],
@@ -385,7 +389,8 @@ def evaluation_section(stage: Stage, report: Path) -> list[str]:
         "",
         "ASR-BLEU and chrF of the translated clips (`av2av`, from audio-visual, audio-only and video-only input) and "
         "of the same sentence spoken in the target language by the corpus (`reference`, the ceiling), both "
-        "transcribed by the demo's CTC recogniser; speaker similarity to the source voice; LSE-C / LSE-D of the faces.",
+        "transcribed by the demo's CTC recogniser; speaker similarity to the source voice; LSE-C / LSE-D of the faces. "
+        "`shuffled` is chance: the same transcripts scored against the other sentences' references.",
         "",
         stage.outputs[0].read_text().strip(),
         "",
@@ -393,10 +398,11 @@ def evaluation_section(stage: Stage, report: Path) -> list[str]:
 
 
 def clips_section(shards: str, stage: Stage, report: Path) -> list[str]:
-    """One row per translated clip of ``index.jsonl``: its source (from ``shards``) and translation, both copied into
-    ``REPORT/clips`` and linked relative to the report, its unit count and the seconds of each pipeline stage."""
+    """One row per translated clip of ``index.jsonl`` (the first `CLIPS_SHOWN`): its source (from ``shards``) and
+    translation, both copied into ``REPORT/clips`` and linked relative to the report, its unit count and the seconds
+    of each pipeline stage."""
     index = stage.outputs[0]
-    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in index.read_text().splitlines() if line.strip()][:CLIPS_SHOWN]
     if not entries:
         return []
     clips = report / CLIPS_DIR

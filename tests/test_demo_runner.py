@@ -21,7 +21,7 @@ from conftest import synthetic_audio, synthetic_face
 from av2av_lightning.av2av import PipelineConfig, load_source_clip, write_mp4
 from av2av_lightning.transcribers import Recogniser
 from av2av_lightning.translate_cli import INDEX_NAME, iter_shard_clips
-from evaluation import av2av_eval, noise_sweep
+from evaluation import av2av_eval, demo, noise_sweep
 from evaluation.demo import (
     Stage,
     StageError,
@@ -297,6 +297,8 @@ def test_evaluation_stage_scores_the_translations_with_the_demo_transcriber(tmp_
     assert modalities == ["av", "audio", "video"] and all(stage.outputs[0] in evaluate.inputs for stage in translations)
     translate = stages["translate"]
     assert args.shards == [translate.command[translate.command.index("--shards") + 1]]
+    targets = translate.command[translate.command.index("--tgt") + 1 : translate.command.index("--limit")]
+    assert sorted(targets) == ["en", "es", "fr"] and "--src" not in translate.command  # every direction
     assert args.transcriber == f"ctc:{transcriber}"
     assert args.speaker_encoder in stages["speaker"].outputs and args.sync_expert in stages["syncnet"].outputs
     assert [args.out / "av2av_eval.md", args.out / "av2av_eval.csv"] == evaluate.outputs
@@ -369,7 +371,7 @@ def fake_evaluation_stage(folder: Path) -> Stage:
     return Stage("evaluate", [], [folder / "av2av_eval.md", folder / "av2av_eval.csv"], section=evaluation_section)
 
 
-def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_path, shard_writer):
+def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_path, shard_writer, monkeypatch):
     shards = shard_writer([20, 24, 28], per_shard=2, langs=("en",))
     (tmp_path / "noise").mkdir(), (tmp_path / "translated").mkdir(), (tmp_path / "eval").mkdir()
     stages = [fake_noise_stage(tmp_path / "noise"), fake_translate_stage(tmp_path / "translated", shards)]
@@ -403,3 +405,6 @@ def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_pat
     moved = shutil.move(report, tmp_path / "moved")
     links = re.findall(r"\]\(([^)]+)\)", (Path(moved) / "README.md").read_text())
     assert len(links) == 1 + 3 and all((Path(moved) / link).is_file() for link in links)
+    monkeypatch.setattr(demo, "CLIPS_SHOWN", 1)
+    text = write_report(stages, {}, {}, report, 30).read_text()
+    assert f"| {first} | en -> es |" in text and f"| {third} |" not in text  # only the first CLIPS_SHOWN
