@@ -180,8 +180,8 @@ def fit(settings: dict, out: Path, *overrides: str) -> subprocess.CompletedProce
     """``av2av fit`` of ``settings`` (written to ``out/config.yaml``) in a subprocess, as a cluster launches it.
 
     A run takes about 10 s. One that outlives `HANG_SECONDS` is aborted with every rank's Python stack
-    (faulthandler) and run once more, the stacks shown as a warning: CI saw one such hang in hundreds of runs and
-    none reproduced in a loop here, so a second hang fails the test with the stacks, and one hang does not."""
+    (faulthandler) and run once more, the stacks shown as a warning: CI saw one such hang (2026-11-28) that 8 loops
+    here did not reproduce, so a second hang fails the test with the stacks, and one hang does not."""
     (out / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(settings))
     command = [sys.executable, "-m", "av2av_lightning", "fit", "--config", str(out / "config.yaml"), *overrides]
