@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from av2av_lightning.data.schema import LANGUAGES  # the corpus's: each sample is translated into the others
 from evaluation.ablation import failure_reason, last_values
 from evaluation.tables import markdown, write_table
 
@@ -43,7 +44,6 @@ TIMES_NAME = "stage_times.json"
 LOSS_COLUMNS = ("train/loss", "train/loss_g")  # the curve of a stage: its first logged column of these
 NOISE_SNRS = ("-20", "-5", "10")  # dB; 7 passes (clean + 2 noises x 3) of 2 batches of test sentences
 NOISE_BATCHES = "2"
-LANGUAGES = ("en", "es", "fr")  # the corpus's; stage `translate` takes every sample into the two others
 EVAL_SAMPLES = "24"  # the first 24 unseen-speaker samples (8 sentences x 3 languages): 8 clips per direction
 CLIPS_SHOWN = 6  # translated clips the report shows beside their sources
 UNITS = 100  # k of stage `units`: the translator's, vocoder's and face renderer's num_units in experiments/demo/

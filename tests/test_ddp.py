@@ -197,8 +197,7 @@ def fit(settings: dict, out: Path, *overrides: str) -> subprocess.CompletedProce
 
 def run_ranks(command: list[str]) -> tuple[subprocess.CompletedProcess, bool]:
     """The command's result and whether it hung. Its ranks run in a process group of their own, so a hung run's
-    ranks are all stopped and none is left holding the CPU or the output pipes (Lightning does not stop rank 1
-    when rank 0 fails before the process group forms)."""
+    ranks are all stopped and none is left holding the CPU or the output pipes."""
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1"}  # one thread per rank on any machine
     ranks = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

@@ -273,6 +273,17 @@ def test_noise_stage_sweeps_the_mutual_learning_checkpoint(tmp_path, monkeypatch
     assert translate.section.args == (translate.command[translate.command.index("--shards") + 1],)
 
 
+def test_stages_reading_units_know_as_many_units_as_stage_units_makes():
+    """The translator, vocoder and face renderer configs name the k that `demo.UNITS` gives stage `units`."""
+    configs = {
+        name: yaml.safe_load((demo.CONFIG_DIR / f"{name}.yaml").read_text())
+        for name in ("translation", "vocoder", "face")
+    }
+    parts = {"translation": "translator", "vocoder": "vocoder", "face": "renderer"}
+    for name, part in parts.items():
+        assert configs[name]["model"]["init_args"][part]["num_units"] == demo.UNITS, name
+
+
 def test_evaluation_stage_scores_the_translations_with_the_demo_transcriber(tmp_path):
     """After translating: the CTC recogniser of stage `transcriber` (pieces from stage `spm`) transcribes the
     translations and their references; the command parses as `evaluation.av2av_eval` would run it."""
