@@ -44,6 +44,7 @@ from av2av_lightning.face_rendering import load_face_renderer
 from av2av_lightning.face_tracking import FaceTrack, is_footage, track_faces
 from av2av_lightning.models.face_renderer import UNITS_PER_FRAME, mask_lower_half, unit_windows
 from av2av_lightning.models.hifigan import durations_from_log
+from av2av_lightning.models.mel_spectrum import mean_voice_mels
 from av2av_lightning.models.unit_translator import pad_tokens
 from av2av_lightning.speaker_encoding import load_speaker_encoder
 from av2av_lightning.translation import load_translator
@@ -405,10 +406,19 @@ class AV2AVPipeline:
 
     @torch.inference_mode()
     def speaker_embedding(self, wave: np.ndarray | None) -> torch.Tensor | None:
-        """The source speaker's embedding, or None (the vocoder's zeros) without audio, encoder or conditioning."""
-        if wave is None or self.speaker_encoder is None or not self.vocoder.config.speaker_dim:
+        """The vocoder's speaker vector of this speech: the speaker encoder's embedding (zeros without an encoder),
+        then the mean voice Mels when the vocoder takes them; None (the vocoder's neutral voice) without audio."""
+        config = self.vocoder.config
+        if wave is None or not config.condition_dim:
             return None
-        return self.speaker_encoder.embed_utterance(torch.from_numpy(wave).to(self.device))
+        audio = torch.from_numpy(wave).to(self.device)
+        parts = []
+        if config.speaker_dim:
+            encoder = self.speaker_encoder
+            parts.append(encoder.embed_utterance(audio) if encoder else audio.new_zeros(config.speaker_dim))
+        if config.voice_mels:
+            parts.append(mean_voice_mels(audio))
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def synthesize(

@@ -14,6 +14,9 @@ The speaker embedding comes from (the mode is recorded in the checkpoint):
 - ``encoder``: a frozen `SpeakerEncoder` checkpoint (``speaker_encoder``), zero-shot for unseen speakers;
 - ``table``: a learned embedding per speaker id of the ``speakers`` list (seen speakers only);
 - ``none``: no speaker conditioning.
+
+With ``voice_mels`` (a Griffin-Lim vocoder) the speaker vector also carries the mean log-Mels of the utterance's own
+speech (`mean_voice_mels`), and the model keeps the average of those it trained on for inputs without speech.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from av2av_lightning.models.hifigan import (
     deduplicate,
     expand,
 )
-from av2av_lightning.models.mel_spectrum import MELS_PER_UNIT, vocoder_mels
+from av2av_lightning.models.mel_spectrum import MELS_PER_UNIT, N_MELS, mean_voice_mels, vocoder_mels
 from av2av_lightning.optim import manual_step, stage_optimizer
 from av2av_lightning.speaker_encoding import load_speaker_encoder
 
@@ -200,7 +203,15 @@ class UnitVocoder(L.LightningModule):
         return frames, lengths
 
     def speaker_embedding(self, batch: AVBatch) -> Tensor | None:
-        """``[B, speaker_dim]`` for the batch's speakers (None without speaker conditioning)."""
+        """The speaker vectors ``[B, condition_dim]`` of the batch's utterances (None without speaker conditioning):
+        the embedding of their speaker, then with ``voice_mels`` the mean voice Mels of their own speech."""
+        embedding = self._embedding(batch)
+        if not self.config.voice_mels:
+            return embedding
+        voices = torch.stack([mean_voice_mels(w[: int(n)]) for w, n in zip(batch.wave, batch.wave_lengths)])
+        return voices if embedding is None else torch.cat([embedding, voices], dim=1)
+
+    def _embedding(self, batch: AVBatch) -> Tensor | None:
         if self.speaker_encoder is not None:
             self.speaker_encoder.eval()
             with torch.no_grad():
@@ -234,6 +245,9 @@ class UnitVocoder(L.LightningModule):
     def training_step(self, batch: AVBatch, batch_idx: int) -> None:
         units, lengths = self.unit_stream(batch)
         speaker = self.speaker_embedding(batch)
+        if self.config.voice_mels:  # the running mean over training batches: the voice of inputs without speech
+            voices = speaker[:, -N_MELS:].mean(dim=0)
+            self.model.average_voice.lerp_(voices, 1.0 / (self.global_step + 1))
         duration = self.duration_loss(units, lengths)
         loss_g = self.hparams.duration_weight * duration
         logs = {"train/duration_mse": duration}

@@ -26,6 +26,7 @@ from av2av_lightning.data.schema import SAMPLE_RATE, SAMPLES_PER_FRAME
 from av2av_lightning.data.transforms import face_transform
 from av2av_lightning.face_rendering import FaceRendering
 from av2av_lightning.models.face_renderer import mask_lower_half
+from av2av_lightning.models.mel_spectrum import mean_voice_mels
 from av2av_lightning.models.unit_translator import EOS
 from av2av_lightning.pretraining import AVHubertPretraining
 from av2av_lightning.speaker_encoding import SpeakerEncoderTraining
@@ -379,3 +380,18 @@ def test_synthesis_follows_given_durations_instead_of_predicting_them(pipeline):
     assert used == durations and len(wave) == 4 * 640
     predicted, _ = pipeline.synthesize(units, None)
     assert len(predicted) % 640 == 0
+
+
+def test_a_vocoder_with_voice_mels_gets_the_embedding_and_the_mean_voice_of_the_speech(config, stages, tmp_path):
+    vocoder_config = {"num_units": UNITS, "context_layers": 1, "synthesis": "griffin_lim", "voice_mels": True}
+    vocoder = UnitVocoder("tiny", vocoder_config, speaker_encoder=str(stages["speaker_encoder"]))
+    pipeline = AV2AVPipeline(replace(config, vocoder=str(save_stage(vocoder, tmp_path / "vocoder.ckpt"))))
+    wave = synthetic_audio(50, np.random.default_rng(1))
+    vector = pipeline.speaker_embedding(wave)
+    audio = torch.from_numpy(wave)
+    with torch.no_grad():
+        assert torch.allclose(vector[:64], pipeline.speaker_encoder.embed_utterance(audio), atol=1e-6)
+        assert torch.allclose(vector[64:], mean_voice_mels(audio), atol=1e-6)
+    assert pipeline.speaker_embedding(None) is None  # no speech: the vocoder's average voice
+    speech, _ = pipeline.synthesize([1, 2, 3], vector, [2, 2, 2])
+    assert len(speech) == 3 * 640 and np.abs(speech).max() > 0

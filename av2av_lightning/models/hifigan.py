@@ -10,6 +10,11 @@ Units of a small or briefly trained encoder say less per frame than the publishe
 a bidirectional LSTM reads the embedded units and speaker across the utterance and predicts the speech's Mels
 (`UnitContext`); the generator then starts from its features. ``synthesis: griffin_lim`` skips the generator and
 speaks the predicted Mels through Griffin-Lim (`mel_spectrum.griffin_lim`): no GAN to train, for CPU-minute budgets.
+
+A speaker embedding trained on ten voices places a new voice poorly, so a vocoder conditioned on it alone speaks
+unseen speakers in a voice near one it knows. With ``voice_mels`` the speaker vector also carries the mean log-Mels
+of the speaker's own speech (`mean_voice_mels`), and the context predicts the Mels *around* that mean: the spectral
+envelope of any voice, heard or not, is added to the output rather than inferred from an embedding.
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ class UnitHiFiGANConfig:
     context_layers: int = 0  # bidirectional LSTM layers over the units before the generator (0: published)
     context_hidden: int = 128  # per direction
     synthesis: str = "generator"  # or "griffin_lim": the context's Mels through Griffin-Lim (needs context_layers)
+    voice_mels: bool = False  # the speaker vector ends with the speech's mean log-Mels, added to the predicted Mels
+
+    @property
+    def condition_dim(self) -> int:
+        """Width of the speaker vector: the embedding, then the mean voice Mels with ``voice_mels``."""
+        return self.speaker_dim + (N_MELS if self.voice_mels else 0)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> UnitHiFiGANConfig:
@@ -66,6 +77,8 @@ class UnitHiFiGANConfig:
             raise ValueError(f"unknown synthesis {config.synthesis!r}; expected one of {', '.join(SYNTHESES)}")
         if config.synthesis == "griffin_lim" and not config.context_layers:
             raise ValueError("synthesis griffin_lim speaks the Mels the unit context predicts: set context_layers > 0")
+        if config.voice_mels and config.synthesis != "griffin_lim":
+            raise ValueError("voice_mels shapes the Mels that Griffin-Lim speaks: set synthesis griffin_lim")
         return config
 
 
@@ -206,8 +219,9 @@ class UnitContext(nn.Module):
 class UnitHiFiGAN(nn.Module):
     """Unit embedding + speaker projection (+ unit context) -> HiFi-GAN generator; plus the duration predictor.
 
-    ``forward(units [B, T], speaker [B, speaker_dim] or None) -> wave [B, 320 * T]``; padding units
-    (negative ids) become zeros in the output.
+    ``forward(units [B, T], speaker [B, condition_dim] or None) -> wave [B, 320 * T]``; padding units
+    (negative ids) become zeros in the output. Without a speaker vector the embedding is zeros and, with
+    ``voice_mels``, the voice is ``average_voice``: the mean voice Mels of the speech the vocoder trained on.
     """
 
     def __init__(self, config: UnitHiFiGANConfig | None = None) -> None:
@@ -220,6 +234,8 @@ class UnitHiFiGAN(nn.Module):
         generator_input = self.context.out_dim if self.context is not None else frame_dim
         self.generator = HiFiGANGenerator(generator_input, c) if c.synthesis == "generator" else None
         self.duration = DurationPredictor(c.unit_dim, c.duration_hidden, c.duration_kernel, c.duration_dropout)
+        if c.voice_mels:
+            self.register_buffer("average_voice", torch.zeros(N_MELS))
 
     def embed_units(self, units: Tensor) -> Tensor:
         """``[B, T]`` ids -> ``[B, T, unit_dim]``; negative ids (padding) embed as unit 0, out-of-table ids raise."""
@@ -229,24 +245,34 @@ class UnitHiFiGAN(nn.Module):
             )
         return self.units(units.clamp(min=0))
 
+    def split_speaker(self, speaker: Tensor | None, batch: int) -> tuple[Tensor | None, Tensor | None]:
+        """The speaker vector ``[B, condition_dim]`` as (embedding ``[B, speaker_dim]``, voice Mels ``[B, 80]``),
+        each None when the config has no such part; a missing vector gives zeros and the average voice."""
+        c = self.config
+        if speaker is None:
+            embedding = torch.zeros(batch, c.speaker_dim, device=self.units.weight.device)
+            voice = self.average_voice.expand(batch, -1) if c.voice_mels else None
+        elif speaker.shape != (batch, c.condition_dim):
+            raise ValueError(f"speaker vector must be [{batch}, {c.condition_dim}], got {tuple(speaker.shape)}")
+        else:
+            embedding, voice = speaker[:, : c.speaker_dim], (speaker[:, c.speaker_dim :] if c.voice_mels else None)
+        return (embedding if c.speaker_dim else None), voice
+
     def frames(self, units: Tensor, speaker: Tensor | None) -> Tensor:
         """``[B, T, unit_dim (+ speaker_proj_dim)]``: each unit's embedding with the speaker's projection."""
         x = self.embed_units(units)
-        if self.speaker_proj is None:
+        embedding = self.split_speaker(speaker, x.shape[0])[0]
+        if embedding is None:
             return x
-        if speaker is None:
-            speaker = x.new_zeros(x.shape[0], self.config.speaker_dim)
-        if speaker.shape != (x.shape[0], self.config.speaker_dim):
-            raise ValueError(
-                f"speaker embedding must be [{x.shape[0]}, {self.config.speaker_dim}], got {tuple(speaker.shape)}"
-            )
-        return torch.cat([x, self.speaker_proj(speaker)[:, None].expand(-1, x.shape[1], -1)], dim=-1)
+        return torch.cat([x, self.speaker_proj(embedding)[:, None].expand(-1, x.shape[1], -1)], dim=-1)
 
     def mels(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
         """The unit context's predicted log-Mels ``[B, 2 T, 80]`` (the `vocoder_mels` of the speech)."""
         if self.context is None:
             raise ValueError("this vocoder has no unit context to predict Mels (context_layers: 0)")
-        return self.context(self.frames(units, speaker), unit_lengths(units))[1]
+        mels = self.context(self.frames(units, speaker), unit_lengths(units))[1]
+        voice = self.split_speaker(speaker, units.shape[0])[1]
+        return mels if voice is None else mels + voice[:, None]
 
     def forward(self, units: Tensor, speaker: Tensor | None = None) -> Tensor:
         if self.generator is None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from av2av_lightning.data.features import log_mel_spectrogram, mel_filterbank, window_function
 from av2av_lightning.data.schema import SAMPLE_RATE
 
-__all__ = ["MELS_PER_UNIT", "N_MELS", "griffin_lim", "vocoder_mels"]
+__all__ = ["MELS_PER_UNIT", "N_MELS", "griffin_lim", "mean_voice_mels", "vocoder_mels"]
 
 N_FFT, HOP, WINDOW, N_MELS, F_MAX = 1024, 160, 640, 80, 8000
 MELS_PER_UNIT = 2  # 100 Hz frames per 50 Hz unit
@@ -30,6 +30,18 @@ def vocoder_mels(wave: Tensor) -> Tensor:
     return log_mel_spectrogram(
         wave, n_fft=N_FFT, hop_length=HOP, win_length=WINDOW, n_mels=N_MELS, f_max=F_MAX, scale="slaney", norm="slaney"
     )
+
+
+def mean_voice_mels(wave: Tensor) -> Tensor:
+    """``[S] -> [80]``: per Mel band, the median `vocoder_mels` of the loud frames, a voice's spectral envelope.
+
+    Loud: above the midpoint between the quietest and the loudest frame (in log-Mels), so the pauses of an
+    utterance, however long, do not pull the voice towards silence; the median, so neither do the few frames
+    where speech starts or stops.
+    """
+    mels = vocoder_mels(wave)
+    loudness = mels.mean(dim=-1)
+    return mels[loudness >= (loudness.min() + loudness.max()) / 2].median(dim=0).values
 
 
 @lru_cache(maxsize=4)
