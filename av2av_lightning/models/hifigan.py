@@ -14,7 +14,8 @@ speaks the predicted Mels through Griffin-Lim (`mel_spectrum.griffin_lim`): no G
 A speaker embedding trained on ten voices places a new voice poorly, so a vocoder conditioned on it alone speaks
 unseen speakers in a voice near one it knows. With ``voice_mels`` the speaker vector also carries the mean log-Mels
 of the speaker's own speech (`mean_voice_mels`), and the context predicts the Mels *around* that mean: the spectral
-envelope of any voice, heard or not, is added to the output rather than inferred from an embedding.
+envelope of any voice, heard or not, is added to the output rather than inferred from an embedding. On the demo
+it gave resynthesised speech held-out voices but made translated units less intelligible (experiments/demo/vocoder.yaml).
 """
 
 from __future__ import annotations
