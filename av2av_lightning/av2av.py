@@ -415,7 +415,7 @@ class AV2AVPipeline:
         parts = []
         if config.speaker_dim:
             encoder = self.speaker_encoder
-            parts.append(encoder.embed_utterance(audio) if encoder else audio.new_zeros(config.speaker_dim))
+            parts.append(encoder.embed_utterance(audio) if encoder is not None else audio.new_zeros(config.speaker_dim))
         if config.voice_mels:
             parts.append(mean_voice_mels(audio))
         return torch.cat(parts)
