@@ -7,7 +7,8 @@
 ``--outputs`` are ``av2av translate --shards`` folders (``index.jsonl`` + ``KEY.mp4``), e.g. one per input modality
 (``--input-modality av``, ``audio``, ``video``); ``--shards`` the split they were translated from. Each output is
 scored against the split's utterance of the same sentence (split and sentence id) in the target language: its text
-is the BLEU reference, and its own speech, transcribed by the same ASR, is the ceiling row (``reference``). The
+is the BLEU reference, and its own speech, transcribed by the same ASR, is the ceiling row (``reference``). An
+ASR that hears some languages only (Whisper tiny.en: English) scores the directions into them alone. The
 chance row (``shuffled``, per input) scores the same transcripts against the references of the direction's other
 sentences: target-language function words match any sentence, and a system must beat this row, not 0. With
 ``--speaker-encoder``: cosine similarity of each output's voice to its source speaker's own voice (on the reference
@@ -169,14 +170,29 @@ def merge_suites(target: MetricSuite, source: MetricSuite) -> None:
         metric._update_count += source[name]._update_count  # merged updates count as updates (no compute warning)
 
 
+def heard(scorers: Scorers) -> tuple[str, ...] | None:
+    """The target languages the transcriber hears (None: any), e.g. ``("en",)`` for an English-only Whisper."""
+    return getattr(scorers.transcriber, "languages", None)
+
+
+def heard_entries(entries: list[tuple[Path, dict]], scorers: Scorers) -> list[tuple[Path, dict]]:
+    """The outputs the transcriber can score: all, or those into a language it hears (an English-only judge
+    scores the directions into English and leaves the others out of every row)."""
+    languages = heard(scorers)
+    return entries if languages is None else [(f, e) for f, e in entries if e["tgt_lang"] in languages]
+
+
 def evaluate(outputs: Sequence[Path], shards, scorers: Scorers) -> list[Row]:
     """Rows per direction (sorted): one per input the outputs were translated from (``av``, ``audio``, ``video``:
     one folder each, or mixed), then the reference; then the ``all`` rows. Each row: utterances scored, failed
     translations, outputs without a target-language reference, ASR-BLEU, chrF, speaker similarity and LSE-C/D. The
-    reference utterance of a source is scored once, however many inputs translated it."""
-    entries = [(Path(folder), entry) for folder in outputs for entry in load_index(folder)]
-    metas = {meta.key: meta for meta in iter_metas(shards)}
+    reference utterance of a source is scored once, however many inputs translated it. Outputs into a language
+    the transcriber does not hear are left out."""
     indexes = ", ".join(str(Path(folder) / INDEX_NAME) for folder in outputs)
+    entries = heard_entries([(Path(folder), entry) for folder in outputs for entry in load_index(folder)], scorers)
+    if not entries:
+        raise ValueError(f"{indexes}: no output into a language the transcriber hears ({', '.join(heard(scorers))})")
+    metas = {meta.key: meta for meta in iter_metas(shards)}
     refs = reference_keys([entry for _, entry in entries], metas, indexes)
     with_face = scorers.sync_expert is not None
     wanted = {k for _, e in entries for k in (e["key"], refs[e["key"], e["tgt_lang"]]) if k}

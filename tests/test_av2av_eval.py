@@ -245,6 +245,32 @@ def test_outputs_in_several_target_languages_each_meet_their_own_reference(split
     assert sorted(asr.langs) == ["en"] * 6 + ["fr"] * 4  # es-en: 3 outputs + 3 references; es-fr: 2 + 2
 
 
+class EnglishOnlyASR(FakeASR):
+    """An English-only judge, as Whisper tiny.en: it is never asked for another language."""
+
+    languages = ("en",)
+
+    def __call__(self, waves, lang):
+        assert lang == "en", f"an English-only ASR was asked for {lang!r}"
+        return super().__call__(waves, lang)
+
+
+def test_an_english_only_asr_scores_the_directions_into_english_alone(split, tmp_path):
+    out = tmp_path / "two_targets"
+    translate_shards(FakePipeline(), split, ["en", "fr"], out, input="audio", src_lang="es")
+    asr = EnglishOnlyASR()
+    rows = evaluate([out], split, Scorers(asr))
+    assert sorted({r["direction"] for r in rows}) == ["all", "es-en"]
+    assert by(rows, "all", "av2av")["asr_bleu"] == by(rows, "es-en", "av2av")["asr_bleu"]
+    assert asr.langs == ["en"] * 6  # 3 outputs, 3 references
+    only_french = tmp_path / "only_french"
+    translate_shards(FakePipeline(), split, "fr", only_french, input="audio", src_lang="es")
+    with pytest.raises(
+        ValueError, match=r"only_french/index.jsonl: no output into a language the transcriber hears \(en\)$"
+    ):
+        evaluate([only_french], split, Scorers(EnglishOnlyASR()))
+
+
 # ---------------------------------------------------------------------------- published tables
 
 
